@@ -1,0 +1,166 @@
+"""Slot tables and replica placement.
+
+Each of the D devices on the `expert` mesh axis has `h = E / D` home slots and `r` replica slots.
+A slot table `<int32>[D, h + r]` names the expert whose weights each slot holds (-1 = empty).
+Home columns are fixed (device `dev`, column `c < h` holds expert `dev * h + c`); placement only
+rewrites the replica columns. Slot `(dev, c)` has the global slot id `dev * (h + r) + c`.
+
+`place` is jit-able with fixed shapes: a load estimate goes in, a slot table comes out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+
+def home_slot_table(num_experts: int, num_devices: int, num_replica_slots: int = 0) -> jax.Array:
+  """<int32>[D, h + r] the table with only home slots filled."""
+  experts_per_device = num_experts // num_devices
+  home = jnp.arange(num_experts, dtype=jnp.int32).reshape(num_devices, experts_per_device)
+  empty = jnp.full((num_devices, num_replica_slots), -1, jnp.int32)
+  return jnp.concatenate([home, empty], axis=1)
+
+
+def validate_slot_table(slot_table, num_experts: int, num_devices: int,
+                        num_replica_slots: int) -> None:
+  """Raises ValueError naming the problem if `slot_table` is not a valid table.
+
+  Only concrete tables can be checked; traced ones (inside jit) are trusted.
+  """
+  if isinstance(slot_table, jax.core.Tracer):
+    return
+  table = np.asarray(slot_table)
+  h = num_experts // num_devices
+  expected = (num_devices, h + num_replica_slots)
+  if table.shape != expected:
+    raise ValueError(
+        f"slot_table has shape {table.shape}, expected {expected} = (expert-axis devices, "
+        f"{h} home + {num_replica_slots} replica slots); build one with "
+        "moe_jax.home_slot_table or moe_jax.place.")
+  if not np.issubdtype(table.dtype, np.integer):
+    raise ValueError(f"slot_table must hold integers, got dtype {table.dtype}.")
+  bad = (table < -1) | (table >= num_experts)
+  if bad.any():
+    dev, col = np.argwhere(bad)[0]
+    raise ValueError(f"slot_table[{dev}, {col}] = {table[dev, col]} is out of range: entries must "
+                     f"be -1 (empty) or an expert id in [0, {num_experts}).")
+  home = np.arange(num_experts).reshape(num_devices, h)
+  if not np.array_equal(table[:, :h], home):
+    dev, col = np.argwhere(table[:, :h] != home)[0]
+    raise ValueError(f"slot_table home column changed: slot [{dev}, {col}] holds expert "
+                     f"{table[dev, col]} but home slots are fixed to expert {home[dev, col]}.")
+  for dev in range(num_devices):
+    held = table[dev][table[dev] >= 0]
+    values, counts = np.unique(held, return_counts=True)
+    if (counts > 1).any():
+      raise ValueError(f"slot_table row {dev} holds expert {values[counts > 1][0]} more than once; "
+                       "an expert may appear at most once per device.")
+
+
+def copies_per_expert(slot_table: jax.Array, num_experts: int) -> jax.Array:
+  """<int32>[E] how many slots hold each expert (>= 1: the home slot)."""
+  flat = slot_table.reshape(-1)
+  return jnp.zeros((num_experts,), jnp.int32).at[jnp.where(flat >= 0, flat, num_experts)].add(
+      1, mode="drop")
+
+
+def copy_slots(slot_table: jax.Array, num_experts: int) -> jax.Array:
+  """<int32>[E, D] global slot ids holding each expert, ascending, padded with -1.
+
+  An expert is at most once per device, so it has at most D copies.
+  """
+  num_devices, slots_per_device = slot_table.shape
+  flat = slot_table.reshape(-1)
+  key = jnp.where(flat >= 0, flat, num_experts)
+  order = jnp.argsort(key, stable=True)               # global slots grouped by expert, ascending
+  sorted_key = key[order]
+  first = jnp.searchsorted(sorted_key, jnp.arange(num_experts), side="left")
+  copies = copies_per_expert(slot_table, num_experts)
+  j = jnp.arange(num_devices)
+  index = jnp.clip(first[:, None] + j[None, :], 0, flat.shape[0] - 1)
+  return jnp.where(j[None, :] < copies[:, None], order[index], -1).astype(jnp.int32)
+
+
+def device_load(load: jax.Array, slot_table: jax.Array) -> jax.Array:
+  """<f32>[D] expected load per device when each expert's load is split evenly over its copies."""
+  num_experts = load.shape[0]
+  per_copy = load / jnp.maximum(copies_per_expert(slot_table, num_experts), 1)
+  held = jnp.where(slot_table >= 0, per_copy[jnp.clip(slot_table, 0)], 0.0)
+  return jnp.sum(held, axis=1)
+
+
+def place(load: jax.Array, num_devices: int, num_replica_slots: int, *,
+          previous_table: jax.Array | None = None, stickiness: float = 0.0) -> jax.Array:
+  """Greedy replica placement minimising the expected max per-device load.
+
+  Repeatedly give one more copy to the expert with the highest load per copy, on the least-loaded
+  device that has a free replica slot and does not already hold it. Stops giving copies when no
+  device can take the chosen expert. Fixed shapes throughout, so it jits and runs on device.
+
+  Args:
+    load: <f32>[E] per-expert load estimate (any non-negative scale).
+    num_devices: D, size of the `expert` mesh axis.
+    num_replica_slots: r.
+    previous_table: optional <int32>[D, h + r]; with `stickiness` > 0 it is kept unless the new
+      table lowers the expected max device load by more than that fraction (saves weight traffic).
+    stickiness: relative gain required to move away from `previous_table`.
+
+  Returns:
+    <int32>[D, h + r] slot table.
+  """
+  load = jnp.asarray(load, jnp.float32)
+  num_experts = load.shape[0]
+  table = home_slot_table(num_experts, num_devices, num_replica_slots)
+  if num_replica_slots == 0:
+    return table
+  h = num_experts // num_devices
+  home_device = jnp.arange(num_experts) // h
+
+  def give_one_copy(_, state):
+    table, copies, filled = state
+    per_copy = load / copies
+    dev_load = jnp.zeros((num_devices,)).at[home_device].add(per_copy)
+    dev_load = dev_load + _replica_load(table, per_copy, h)
+    holds = jnp.zeros((num_devices, num_experts), bool).at[
+        jnp.arange(num_devices)[:, None], jnp.clip(table, 0)].max(table >= 0)
+    free = filled < num_replica_slots                                        # [D]
+    # Candidate (expert, device) pairs ranked by the expert's load per copy, then device load.
+    can_take = free[None, :] & ~holds.T                                      # [E, D]
+    expert_ok = jnp.any(can_take, axis=1) & (load > 0)
+    expert = jnp.argmax(jnp.where(expert_ok, per_copy, -1.0))
+    ok = expert_ok[expert]
+    device = jnp.argmin(jnp.where(can_take[expert], dev_load, jnp.inf))
+    column = h + jnp.minimum(filled[device], num_replica_slots - 1)
+    table = jnp.where(ok, table.at[device, column].set(expert), table)
+    copies = jnp.where(ok, copies.at[expert].add(1.0), copies)
+    filled = jnp.where(ok, filled.at[device].add(1), filled)
+    return table, copies, filled
+
+  state = (table, jnp.ones((num_experts,)), jnp.zeros((num_devices,), jnp.int32))
+  table, _, _ = jax.lax.fori_loop(0, num_devices * num_replica_slots, give_one_copy, state)
+  if previous_table is not None and stickiness > 0:
+    new_max = jnp.max(device_load(load, table))
+    old_max = jnp.max(device_load(load, previous_table))
+    table = jnp.where(new_max < (1.0 - stickiness) * old_max, table, previous_table)
+  return table
+
+
+def _replica_load(table, per_copy, h):
+  replicas = table[:, h:]
+  return jnp.sum(jnp.where(replicas >= 0, per_copy[jnp.clip(replicas, 0)], 0.0), axis=1)
+
+
+def balancedness(tokens_per_device) -> jax.Array:
+  """mean / max tokens per device (1.0 = perfect balance; 1.0 for an idle layer)."""
+  tokens = jnp.asarray(tokens_per_device, jnp.float32).reshape(-1)
+  peak = jnp.max(tokens)
+  return jnp.where(peak > 0, jnp.mean(tokens) / jnp.maximum(peak, 1e-30), 1.0)
+
+
+def maxvio(tokens_per_device) -> jax.Array:
+  """max / mean - 1 (0.0 = perfect balance)."""
+  tokens = jnp.asarray(tokens_per_device, jnp.float32).reshape(-1)
+  mean = jnp.mean(tokens)
+  return jnp.where(mean > 0, jnp.max(tokens) / jnp.maximum(mean, 1e-30) - 1.0, 0.0)

@@ -1,0 +1,123 @@
+"""Top-k routers, computed in float32.
+
+The router is the only thing that decides which expert processes a token. Everything downstream
+(replica placement, permutation, dispatch) may change *where* a token-choice is computed, never
+*which* expert computes it or with what weight.
+
+A router-stage rule (e.g. Hugging Face Switch's per-sequence `expert_capacity`) is expressed by
+clearing entries of `Routing.dispatch_mask`; a cleared choice contributes 0 to the output.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class Routing:
+  """What the router decided for T tokens.
+
+  Attributes:
+    expert_ids: <int32>[T, k] chosen experts, best first (ties: lowest index).
+    combine_weights: <f32>[T, k] weight of each choice in the output sum.
+    dispatch_mask: <bool>[T, k] False for choices that must not be computed (padding tokens, or a
+      router-stage capacity rule). Such choices contribute 0.
+    logits: <f32>[T, E] raw router logits.
+    probs: <f32>[T, E] softmax of the logits.
+    z_loss: <f32>[] mean over valid tokens of logsumexp(logits)^2.
+    aux_loss: <f32>[] load-balancing loss E * sum_e f_e * P_e (f_e: fraction of valid token-choices
+      routed to e; P_e: mean router probability of e), equal to Switch's for k = 1.
+    tokens_per_expert: <int32>[E] dispatched token-choices per expert.
+  """
+
+  expert_ids: jax.Array
+  combine_weights: jax.Array
+  dispatch_mask: jax.Array
+  logits: jax.Array
+  probs: jax.Array
+  z_loss: jax.Array
+  aux_loss: jax.Array
+  tokens_per_expert: jax.Array
+
+  @property
+  def num_experts(self) -> int:
+    return self.logits.shape[-1]
+
+  def with_dispatch_mask(self, dispatch_mask: jax.Array) -> "Routing":
+    """The same routing with a (narrower) dispatch mask; counts follow the mask."""
+    dispatch_mask = dispatch_mask & self.dispatch_mask
+    counts = expert_counts(self.expert_ids, dispatch_mask, self.num_experts)
+    return self.replace(dispatch_mask=dispatch_mask, tokens_per_expert=counts)
+
+
+def expert_counts(expert_ids: jax.Array, mask: jax.Array, num_experts: int) -> jax.Array:
+  """<int32>[E] number of masked-in choices per expert."""
+  return jnp.zeros((num_experts,), jnp.int32).at[expert_ids.reshape(-1)].add(
+      mask.reshape(-1).astype(jnp.int32))
+
+
+def top_k_route(x: jax.Array, router_kernel: jax.Array, *, top_k: int, renormalize: bool = False,
+                token_mask: jax.Array | None = None) -> Routing:
+  """Route T tokens to their top-k experts.
+
+  Args:
+    x: <float>[T, d] token representations (any float dtype; cast to float32 here).
+    router_kernel: <float>[d, E] router projection.
+    top_k: experts per token.
+    renormalize: make the k chosen weights sum to 1 per token.
+    token_mask: optional <bool>[T]; False marks padding tokens, which are not dispatched and do not
+      count in the losses or loads.
+
+  Returns:
+    A `Routing`.
+  """
+  num_tokens = x.shape[0]
+  num_experts = router_kernel.shape[-1]
+  if token_mask is None:
+    token_mask = jnp.ones((num_tokens,), bool)
+  logits = jnp.dot(x.astype(jnp.float32), router_kernel.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)                       # [T, E]
+  probs = jax.nn.softmax(logits, axis=-1)
+  weights, expert_ids = jax.lax.top_k(probs, top_k)                           # [T, k]
+  if renormalize:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  dispatch_mask = jnp.broadcast_to(token_mask[:, None], (num_tokens, top_k))
+  valid = token_mask.astype(jnp.float32)
+  num_valid = jnp.maximum(jnp.sum(valid), 1.0)
+  z_loss = jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * valid) / num_valid
+  counts = expert_counts(expert_ids, dispatch_mask, num_experts)
+  fraction_routed = counts.astype(jnp.float32) / (num_valid * top_k)
+  mean_prob = jnp.sum(probs * valid[:, None], axis=0) / num_valid
+  aux_loss = num_experts * jnp.sum(fraction_routed * mean_prob)
+  return Routing(expert_ids=expert_ids.astype(jnp.int32), combine_weights=weights,
+                 dispatch_mask=dispatch_mask, logits=logits, probs=probs, z_loss=z_loss,
+                 aux_loss=aux_loss, tokens_per_expert=counts)
+
+
+def sequence_capacity_mask(expert_ids: jax.Array, dispatch_mask: jax.Array,
+                           num_experts: int, capacity: int) -> jax.Array:
+  """Per-sequence, per-expert capacity in token order (Hugging Face Switch's `expert_capacity`).
+
+  Within each sequence, the n-th choice (in token order) sent to expert e is kept iff
+  n <= capacity. This is a router-stage rule: it depends only on routing, never on placement.
+
+  Args:
+    expert_ids: <int32>[B, L, k].
+    dispatch_mask: <bool>[B, L, k].
+    num_experts: E.
+    capacity: kept choices per sequence per expert.
+
+  Returns:
+    <bool>[B, L, k] the narrowed dispatch mask.
+  """
+  one_hot = jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.int32)          # [B, L, k, E]
+  one_hot = one_hot * dispatch_mask[..., None].astype(jnp.int32)
+  batch, length, k, _ = one_hot.shape
+  # k-major priority within a sequence: all first choices in token order, then second choices.
+  per_choice = jnp.swapaxes(one_hot, 1, 2).reshape(batch, k * length, num_experts)
+  priority = jnp.cumsum(per_choice, axis=1)
+  priority = jnp.swapaxes(priority.reshape(batch, k, length, num_experts), 1, 2)
+  position = jnp.sum(priority * one_hot, axis=-1)                             # [B, L, k]
+  return dispatch_mask & (position <= capacity)

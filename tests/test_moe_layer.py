@@ -1,0 +1,110 @@
+"""moe_apply against the dense oracle, over dispatch modes, k, E and meshes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import moe_jax
+from moe_jax import reference
+from tests import helpers
+
+
+def _oracle(params, x, cfg, stats, mesh_shape, token_mask=None, copies=None):
+  batch, length, d = x.shape
+  routing = stats.routing
+  ids = np.asarray(routing.expert_ids)
+  mask = np.asarray(routing.dispatch_mask)
+  if token_mask is not None:
+    mask = mask & np.asarray(token_mask).reshape(-1, 1)
+  keep = mask
+  if cfg.dispatch == "capacity":
+    groups = reference.routing_groups(batch, length, *mesh_shape)
+    group_size = len(groups[0])
+    copies = np.ones(cfg.num_experts, int) if copies is None else copies
+    keep = reference.capacity_keep(ids, mask, groups, capacity=cfg.group_capacity(group_size),
+                                   copies=copies)
+  y = reference.dense_moe(params, x.reshape(-1, d), ids, routing.combine_weights, keep,
+                          activation=cfg.activation)
+  return np.asarray(y).reshape(batch, length, d), int(mask.sum() - keep.sum())
+
+
+@pytest.mark.parametrize("mesh_shape", helpers.MESHES)
+@pytest.mark.parametrize("num_experts", [8, 16])
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_matches_dense_oracle(dispatch, top_k, num_experts, mesh_shape):
+  cfg = moe_jax.MoEConfig(num_experts=num_experts, top_k=top_k, d_model=16, d_ff=32,
+                          dispatch=dispatch, capacity_factor=1.0)
+  params = helpers.skewed_params(cfg)
+  # 8 x 7 tokens: with 8 expert devices the data shard does not split evenly -> padding rows.
+  x = helpers.skewed_tokens(cfg, 8, 7)
+  mesh = moe_jax.make_mesh(*mesh_shape)
+  y, stats = moe_jax.moe_apply(params, x, cfg, mesh=mesh)
+  want, want_dropped = _oracle(params, x, cfg, stats, mesh_shape)
+  assert helpers.rel_err(y, want) <= 1e-5
+  assert int(stats.dropped_choices) == want_dropped
+  assert int(stats.total_choices) == 8 * 7 * top_k
+  assert int(np.sum(stats.tokens_per_device)) == 8 * 7 * top_k - want_dropped
+  if dispatch == "capacity" and top_k == 1 and num_experts == 8:
+    assert want_dropped > 0, "the skewed case should overflow capacity"
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 8), (2, 4)])
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_token_mask_padding_rows(dispatch, mesh_shape):
+  cfg = moe_jax.MoEConfig(num_experts=8, top_k=2, d_model=16, d_ff=32, dispatch=dispatch,
+                          capacity_factor=1.0, renormalize=True)
+  params = helpers.skewed_params(cfg)
+  x = helpers.skewed_tokens(cfg, 4, 10)
+  token_mask = np.ones((4, 10), bool)
+  token_mask[:, 6:] = False      # padded tail of every sequence
+  token_mask[3] = False          # and one all-padding row
+  y, stats = moe_jax.moe_apply(params, x, cfg, mesh=moe_jax.make_mesh(*mesh_shape),
+                               token_mask=jnp.asarray(token_mask))
+  want, want_dropped = _oracle(params, x, cfg, stats, mesh_shape, token_mask=token_mask)
+  assert helpers.rel_err(y, want) <= 1e-5
+  assert np.all(np.asarray(y)[~token_mask] == 0)
+  assert int(stats.dropped_choices) == want_dropped
+  assert int(stats.total_choices) == int(token_mask.sum()) * 2
+
+
+@pytest.mark.parametrize("all_to_all", ["padded", "emulated_ragged"])
+@pytest.mark.parametrize("gmm_backend", ["windowed", "dense", "ragged_dot"])
+def test_exchange_and_backends_agree(all_to_all, gmm_backend):
+  cfg = moe_jax.MoEConfig(num_experts=8, top_k=2, d_model=16, d_ff=32, activation="silu",
+                          all_to_all=all_to_all, gmm_backend=gmm_backend)
+  params = helpers.skewed_params(cfg)
+  x = helpers.skewed_tokens(cfg, 4, 16)
+  y, stats = moe_jax.moe_apply(params, x, cfg, mesh=moe_jax.make_mesh(2, 4))
+  want, _ = _oracle(params, x, cfg, stats, (2, 4))
+  assert helpers.rel_err(y, want) <= 1e-5
+
+
+def test_stats_shapes_and_balance():
+  cfg = moe_jax.MoEConfig(num_experts=16, d_model=16, d_ff=32)
+  params = helpers.skewed_params(cfg)
+  x = helpers.skewed_tokens(cfg, 8, 16)
+  _, stats = moe_jax.moe_apply(params, x, cfg, mesh=moe_jax.make_mesh(2, 4))
+  assert stats.tokens_per_expert.shape == (16,)
+  assert stats.tokens_per_slot.shape == (2, 4, 4)
+  assert stats.tokens_per_device.shape == (2, 4)
+  per_device = np.asarray(stats.tokens_per_device, float)
+  assert float(stats.balancedness) == pytest.approx(per_device.mean() / per_device.max())
+  assert float(stats.balancedness) < 0.6, "skewed routing should leave the mesh unbalanced"
+  # Expert e lives on device e // 4: summing the per-expert counts per device gives the same.
+  by_device = np.asarray(stats.tokens_per_expert).reshape(4, 4).sum(1)
+  np.testing.assert_array_equal(np.asarray(stats.tokens_per_device).sum(0), by_device)
+
+
+def test_jit_and_bf16():
+  cfg = moe_jax.MoEConfig(num_experts=8, top_k=2, d_model=16, d_ff=32, dtype="bfloat16")
+  params = helpers.skewed_params(cfg)
+  x = helpers.skewed_tokens(cfg, 4, 8)
+  mesh = moe_jax.make_mesh(1, 8)
+  y, _ = jax.jit(lambda p, x: moe_jax.moe_apply(p, x, cfg, mesh=mesh))(params, x)
+  assert y.dtype == jnp.bfloat16
+  f32 = cfg.replace(dtype="float32")
+  p32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+  y32, _ = moe_jax.moe_apply(p32, x.astype(jnp.float32), f32, mesh=mesh)
+  assert helpers.rel_err(y, y32) < 3e-2
