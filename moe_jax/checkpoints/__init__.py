@@ -1,0 +1,1 @@
+"""Checkpoint import/export: Hugging Face safetensors, orbax."""
