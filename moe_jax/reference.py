@@ -67,3 +67,41 @@ def capacity_keep(expert_ids, dispatch_mask, groups, *, capacity: int, copies) -
         keep[t, j] = seen[e] < copies[e] * capacity
         seen[e] += 1
   return keep
+
+
+def optimal_placement(load, num_devices: int, num_replica_slots: int):
+  """Exhaustive search for the slot table minimising the max expected device load.
+
+  Each expert's load is split evenly over its copies (what the permutation does). Exponential:
+  only for tiny cases (a few devices and experts), to measure how far greedy placement is.
+
+  Returns:
+    (best max device load, <int32>[D, h + r] table).
+  """
+  import itertools
+  load = np.asarray(load, np.float64)
+  num_experts = load.shape[0]
+  h = num_experts // num_devices
+  options = []
+  for dev in range(num_devices):
+    others = [e for e in range(num_experts) if e // h != dev]
+    dev_options = []
+    for n in range(num_replica_slots + 1):
+      dev_options += list(itertools.combinations(others, n))
+    options.append(dev_options)
+  best, best_choice = np.inf, None
+  for choice in itertools.product(*options):
+    copies = np.ones(num_experts)
+    for extra in choice:
+      copies[list(extra)] += 1
+    per_copy = load / copies
+    dev_load = per_copy.reshape(num_devices, h).sum(1)
+    for dev, extra in enumerate(choice):
+      dev_load[dev] += per_copy[list(extra)].sum()
+    if dev_load.max() < best - 1e-12:
+      best, best_choice = dev_load.max(), choice
+  table = -np.ones((num_devices, h + num_replica_slots), np.int32)
+  table[:, :h] = np.arange(num_experts).reshape(num_devices, h)
+  for dev, extra in enumerate(best_choice):
+    table[dev, h:h + len(extra)] = extra
+  return float(best), table

@@ -31,3 +31,34 @@ def rel_err(a, b):
   a = np.asarray(a, np.float64)
   b = np.asarray(b, np.float64)
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def zipf_routing(num_tokens: int, num_experts: int, top_k: int, s: float = 1.2, seed: int = 0):
+  """A `Routing` whose choices follow Zipf(s) expert popularity (distinct experts per token)."""
+  rng = np.random.default_rng(seed)
+  popularity = 1.0 / np.arange(1, num_experts + 1) ** s
+  popularity = popularity[rng.permutation(num_experts)]
+  ids = np.stack([rng.choice(num_experts, size=top_k, replace=False, p=popularity / popularity.sum())
+                  for _ in range(num_tokens)]).astype(np.int32)
+  weights = rng.uniform(0.2, 1.0, size=(num_tokens, top_k)).astype(np.float32)
+  logits = np.zeros((num_tokens, num_experts), np.float32)
+  mask = np.ones((num_tokens, top_k), bool)
+  return moe_jax.Routing(
+      expert_ids=jnp.asarray(ids), combine_weights=jnp.asarray(weights),
+      dispatch_mask=jnp.asarray(mask), logits=jnp.asarray(logits),
+      probs=jax.nn.softmax(jnp.asarray(logits)), z_loss=jnp.zeros(()), aux_loss=jnp.zeros(()),
+      tokens_per_expert=jnp.asarray(np.bincount(ids.ravel(), minlength=num_experts), jnp.int32))
+
+
+def random_slot_table(rng, num_experts: int, num_devices: int, r: int, fill: float = 0.8):
+  """A random valid slot table (each replica slot filled with probability `fill`)."""
+  h = num_experts // num_devices
+  table = -np.ones((num_devices, h + r), np.int32)
+  table[:, :h] = np.arange(num_experts).reshape(num_devices, h)
+  for dev in range(num_devices):
+    candidates = [e for e in range(num_experts) if e // h != dev]
+    chosen = rng.choice(candidates, size=min(r, len(candidates)), replace=False)
+    for c, e in enumerate(chosen):
+      if rng.random() < fill:
+        table[dev, h + c] = e
+  return table
