@@ -1,0 +1,196 @@
+"""The stack runner: threads each next MoE layer's (slot_table, replica_weights) through a forward.
+
+A model hands every sparse FFN call to one hook, `moe_fn(stack, index, ff_params, x, routing)`.
+`StackRunner.moe_fn` implements it: when MoE layer l of a stack runs, it first issues the
+placement + prefetch of layer l + 1 from layer l's input `x` (so they depend on nothing that layer
+l computes, and XLA may overlap them with it), then runs layer l with the placement issued one
+layer earlier. The first MoE layer of a stack has no predecessor and uses `first_layer`
+("history": the EMA of past batches' loads, or "none").
+
+The runner is a trace-time helper: create one per forward pass inside the jitted function, call
+the model, then return `runner.records()` and `runner.next_state()` from the same function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from moe_jax import moe_layer
+from moe_jax import placement
+from moe_jax import predictor as predictor_lib
+from moe_jax import routing as routing_lib
+from moe_jax.config import MoEConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicationConfig:
+  """How replicas are placed.
+
+  Attributes:
+    predictor: "none", "history", "pregate", "learned" or "oracle" (benchmarks only).
+    first_layer: placement of each stack's first MoE layer: "history" or "none".
+    history_decay: EMA decay of the per-layer load history.
+  """
+
+  predictor: str = "none"
+  first_layer: str = "history"
+  history_decay: float = 0.8
+
+  def __post_init__(self):
+    predictor_lib.check_kind(self.predictor)
+    if self.first_layer not in ("history", "none"):
+      raise ValueError(f"first_layer={self.first_layer!r}: use 'history' or 'none'.")
+    if not 0.0 <= self.history_decay < 1.0:
+      raise ValueError(f"history_decay={self.history_decay} must be in [0, 1).")
+
+
+@struct.dataclass
+class ReplicationState:
+  """What carries over between batches: stack -> <f32>[num MoE layers, E] load EMA."""
+
+  history: dict
+
+
+def init_state(layer_counts: dict, num_experts: int) -> ReplicationState:
+  return ReplicationState(history={stack: jnp.zeros((n, num_experts), jnp.float32)
+                                   for stack, n in layer_counts.items()})
+
+
+@struct.dataclass
+class LayerRecord:
+  """One MoE layer of one forward pass.
+
+  Attributes:
+    predicted_load: <f32>[E] the estimate its placement used (zeros when none).
+    predicted_top1: <int32>[T] per-token predicted expert (-1 when the predictor has none).
+    slot_table: <int32>[De, h + r] the table it ran with.
+    stats: its `MoEStats` (true loads, per-device tokens, balancedness, replica bytes).
+  """
+
+  predicted_load: jax.Array
+  predicted_top1: jax.Array
+  slot_table: jax.Array
+  stats: moe_layer.MoEStats
+
+
+@struct.dataclass
+class _Placement:
+  load: jax.Array
+  top1: jax.Array
+  table: jax.Array | None
+  weights: dict | None
+
+
+class StackRunner:
+  """Implements the model's `moe_fn` hook with one-layer-ahead replica placement.
+
+  Args:
+    config: the `ReplicationConfig`.
+    moe_cfg: the MoE layers' config (its `num_replica_slots` is r).
+    mesh: the ('data', 'expert') mesh.
+    layers: stack name -> list of that stack's MoE params in order (router + experts).
+    state: `ReplicationState` from the previous batch (`init_state` at the start).
+    learned: stack -> list of learned predictor params, entry j predicting layer j + 1.
+    oracle_loads: stack -> <f32>[n, E] true loads of this batch (benchmarks only).
+  """
+
+  def __init__(self, config: ReplicationConfig, moe_cfg: MoEConfig, mesh, layers: dict,
+               state: ReplicationState, *, learned: dict | None = None,
+               oracle_loads: dict | None = None):
+    if config.predictor == "learned" and learned is None:
+      raise ValueError("predictor='learned' needs learned predictor params: train them with "
+                       "launch/train_predictor.py and pass them as learned=...")
+    if config.predictor == "oracle" and oracle_loads is None:
+      raise ValueError("predictor='oracle' needs this batch's true loads (oracle_loads=...), "
+                       "e.g. from a first pass with predictor='none'.")
+    self.config, self.moe_cfg, self.mesh = config, moe_cfg, mesh
+    self.layers, self.state = layers, state
+    self.learned, self.oracle_loads = learned, oracle_loads
+    self._pending: dict = {}
+    self._records: dict = {stack: [] for stack in layers}
+
+  @property
+  def replicating(self) -> bool:
+    return self.config.predictor != "none" and self.moe_cfg.num_replica_slots > 0
+
+  def moe_fn(self, stack: str, index: int, ff_params: dict, x: jax.Array,
+             routing: routing_lib.Routing | None = None):
+    """Runs MoE layer `index` of `stack` on x <f>[B, L, d]; returns (y, MoEStats)."""
+    if index == 0:
+      current = self._first_placement(stack, x)
+    else:
+      current = self._pending.pop((stack, index))
+    if index + 1 < len(self.layers[stack]):
+      self._pending[(stack, index + 1)] = self._plan(stack, index + 1, x)
+    cfg = self.moe_cfg if current.table is not None else self.moe_cfg.replace(num_replica_slots=0)
+    y, stats = moe_layer.moe_apply(ff_params, x, cfg, mesh=self.mesh, routing=routing,
+                                   slot_table=current.table, replica_weights=current.weights)
+    table = current.table if current.table is not None else _home_table(cfg, self.mesh)
+    self._records[stack].append(LayerRecord(predicted_load=current.load,
+                                            predicted_top1=current.top1, slot_table=table,
+                                            stats=stats))
+    return y, stats
+
+  def records(self) -> dict:
+    """stack -> list of `LayerRecord`, one per MoE layer run so far."""
+    return self._records
+
+  def next_state(self) -> ReplicationState:
+    """The history updated with this pass's true loads."""
+    history = dict(self.state.history)
+    for stack, records in self._records.items():
+      if not records:
+        continue
+      true = jnp.stack([r.stats.tokens_per_expert for r in records]).astype(jnp.float32)
+      old = history[stack][:len(records)]
+      new = jax.vmap(predictor_lib.history_update, in_axes=(0, 0, None))(
+          old, true, self.config.history_decay)
+      history[stack] = history[stack].at[:len(records)].set(new)
+    return ReplicationState(history=history)
+
+  # --- placement -------------------------------------------------------------------------------
+
+  def _first_placement(self, stack, x):
+    kind = self.config.predictor
+    if kind == "oracle":
+      return self._placement(stack, 0, self.oracle_loads[stack][0], _no_top1(x))
+    if not self.replicating or self.config.first_layer == "none":
+      return _Placement(load=jnp.zeros((self.moe_cfg.num_experts,)), top1=_no_top1(x), table=None,
+                        weights=None)
+    return self._placement(stack, 0, self.state.history[stack][0], _no_top1(x))
+
+  def _plan(self, stack, index, x):
+    """Placement + prefetch for layer `index` from the previous layer's input x."""
+    kind = self.config.predictor
+    tokens = x.reshape(-1, x.shape[-1])
+    top_k = self.moe_cfg.top_k
+    if not self.replicating:
+      return _Placement(load=jnp.zeros((self.moe_cfg.num_experts,)), top1=_no_top1(x), table=None,
+                        weights=None)
+    if kind == "history":
+      return self._placement(stack, index, self.state.history[stack][index], _no_top1(x))
+    if kind == "oracle":
+      return self._placement(stack, index, self.oracle_loads[stack][index], _no_top1(x))
+    if kind == "pregate":
+      logits = predictor_lib.pregate_logits(tokens, self.layers[stack][index]["router"])
+    else:
+      logits = predictor_lib.learned_logits(self.learned[stack][index - 1], tokens)
+    load = predictor_lib.choice_counts(logits, top_k)
+    return self._placement(stack, index, load, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+
+  def _placement(self, stack, index, load, top1):
+    table = moe_layer.place(load, self.moe_cfg, mesh=self.mesh)
+    weights = moe_layer.prefetch(self.layers[stack][index], table, self.moe_cfg, mesh=self.mesh)
+    return _Placement(load=load, top1=top1, table=table, weights=weights)
+
+
+def _no_top1(x):
+  return jnp.full((x.shape[0] * x.shape[1],), -1, jnp.int32)
+
+
+def _home_table(cfg: MoEConfig, mesh):
+  return placement.home_slot_table(cfg.num_experts, mesh.shape["expert"], cfg.num_replica_slots)

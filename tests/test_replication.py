@@ -1,0 +1,145 @@
+"""The stack runner: every predictor gives identical outputs; prefetch never waits on the
+previous MoE layer's output."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import moe_jax
+from moe_jax import predictor, replication
+from moe_jax.models import moe_stack
+from tests import helpers
+
+LAYERS = 3
+
+
+def _stack(mesh_shape=(2, 4), top_k=1):
+  cfg = moe_jax.MoEConfig(num_experts=8, top_k=top_k, d_model=16, d_ff=32, num_replica_slots=2)
+  params = moe_stack.init(jax.random.key(0), cfg, LAYERS)
+  for layer in params["layers"]:   # skew every router towards low expert ids
+    layer["moe"]["router"] = helpers.skewed_params(cfg)["router"]
+  h = helpers.skewed_tokens(cfg, 4, 16)
+  return cfg, params, h, moe_jax.make_mesh(*mesh_shape)
+
+
+def _run(cfg, params, h, mesh, rcfg, state, **kw):
+  runner = replication.StackRunner(rcfg, cfg, mesh, moe_stack.moe_layers(params), state, **kw)
+  out, _ = moe_stack.forward(params, h, runner.moe_fn)
+  return out, runner.records(), runner.next_state()
+
+
+def _jit_run(cfg, mesh, rcfg):
+  """One compilation per predictor kind; predictor params and oracle loads are arguments."""
+  return jax.jit(lambda params, h, state, kw: _run(cfg, params, h, mesh, rcfg, state, **kw))
+
+
+def _learned(cfg, params, reverse=False):
+  routers = [l["moe"]["router"] for l in params["layers"]]
+  pairs = [predictor.init_learned(jax.random.key(i), cfg.d_model, cfg.num_experts,
+                                  next_router=routers[i + 1]) for i in range(LAYERS - 1)]
+  if reverse:  # a deliberately wrong predictor: prefers the coldest experts
+    pairs = [{"w": -p["w"], "b": p["b"]} for p in pairs]
+  return {moe_stack.STACK: pairs}
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_every_predictor_gives_the_same_output(top_k):
+  cfg, params, h, mesh = _stack(top_k=top_k)
+  state = replication.init_state({moe_stack.STACK: LAYERS}, cfg.num_experts)
+
+  @jax.jit
+  def none_pass(params, h, state):
+    out, records, new_state = _run(cfg, params, h, mesh, replication.ReplicationConfig(), state)
+    return out, [r.stats.tokens_per_expert for r in records[moe_stack.STACK]], new_state
+
+  reference, true_loads, state = none_pass(params, h, state)
+  oracle = {moe_stack.STACK: jnp.stack(true_loads).astype(jnp.float32)}
+  variants = [("history", {}), ("pregate", {}), ("learned", {"learned": _learned(cfg, params)}),
+              ("learned", {"learned": _learned(cfg, params, reverse=True)}),
+              ("oracle", {"oracle_loads": oracle}),
+              ("oracle", {"oracle_loads": {moe_stack.STACK: -oracle[moe_stack.STACK]
+                                           + oracle[moe_stack.STACK].max()}})]
+  compiled = {}
+  for kind, kw in variants:
+    if kind not in compiled:
+      compiled[kind] = _jit_run(cfg, mesh, replication.ReplicationConfig(predictor=kind))
+    out, records, _ = compiled[kind](params, h, state, kw)
+    assert helpers.rel_err(out, reference) <= 1e-6, kind
+    tables = [np.asarray(r.slot_table) for r in records[moe_stack.STACK]]
+    assert any((t[:, 2:] >= 0).any() for t in tables), f"{kind} placed no replica at all"
+
+
+def test_oracle_and_pregate_balance_better_than_none():
+  cfg, params, h, mesh = _stack(mesh_shape=(1, 8))
+  state = replication.init_state({moe_stack.STACK: LAYERS}, cfg.num_experts)
+  run = lambda kind, **kw: _jit_run(cfg, mesh, replication.ReplicationConfig(predictor=kind))(
+      params, h, state, kw)[1]
+  none_records = run("none")
+  true = jnp.stack([r.stats.tokens_per_expert for r in none_records[moe_stack.STACK]])
+  oracle_records = run("oracle", oracle_loads={moe_stack.STACK: true.astype(jnp.float32)})
+  pregate_records = run("pregate")
+  for l in range(LAYERS):
+    none_b = float(none_records[moe_stack.STACK][l].stats.balancedness)
+    oracle_b = float(oracle_records[moe_stack.STACK][l].stats.balancedness)
+    assert oracle_b > none_b
+    if l > 0:
+      assert float(pregate_records[moe_stack.STACK][l].stats.balancedness) > none_b
+
+
+def test_history_state_is_an_ema_of_true_loads():
+  cfg, params, h, mesh = _stack()
+  state = replication.init_state({moe_stack.STACK: LAYERS}, cfg.num_experts)
+  run = _jit_run(cfg, mesh, replication.ReplicationConfig(predictor="history", history_decay=0.5))
+  _, records, state1 = run(params, h, state, {})
+  true = np.stack([np.asarray(r.stats.tokens_per_expert) for r in records[moe_stack.STACK]])
+  np.testing.assert_allclose(state1.history[moe_stack.STACK], true)
+  _, records2, state2 = run(params, h * 0.5, state1, {})
+  true2 = np.stack([np.asarray(r.stats.tokens_per_expert) for r in records2[moe_stack.STACK]])
+  np.testing.assert_allclose(state2.history[moe_stack.STACK], 0.5 * true + 0.5 * true2)
+  # The second pass's first layer used the history of the first pass.
+  np.testing.assert_allclose(records2[moe_stack.STACK][0].predicted_load, true[0])
+
+
+def test_prefetch_of_each_layer_does_not_depend_on_the_previous_layer_output():
+  cfg, params, h, mesh = _stack()
+  state = replication.init_state({moe_stack.STACK: LAYERS}, cfg.num_experts)
+  rcfg = replication.ReplicationConfig(predictor="pregate")
+  fn = lambda params, h: _run(cfg, params, h, mesh, rcfg, state)[0]
+  jaxpr = jax.make_jaxpr(fn)(params, h).jaxpr
+  # Top-level shard_maps in program order: per layer, the next layer's prefetch (inputs: weights +
+  # table) and the layer itself. Walk them, tracking what depends on each MoE layer's output.
+  calls = [e for e in jaxpr.eqns if _calls_shard_map(e)]
+  layer_calls = [e for e in calls if _has_token_input(e)]
+  prefetch_calls = [e for e in calls if not _has_token_input(e)]
+  assert len(layer_calls) == LAYERS
+  assert len(prefetch_calls) == LAYERS, "layer 0 from history, then one per later layer"
+  for l in range(LAYERS - 1):
+    tainted = _forward_taint(jaxpr, set(layer_calls[l].outvars))
+    prefetch_next = prefetch_calls[l + 1]
+    assert not any(v in tainted for v in prefetch_next.invars if type(v).__name__ != "Literal"), (
+        f"prefetch for MoE layer {l + 1} waits on MoE layer {l}'s output")
+
+
+def _calls_shard_map(eqn):
+  if eqn.primitive.name == "shard_map":
+    return True
+  for value in eqn.params.values():
+    inner = getattr(value, "jaxpr", value)
+    if hasattr(inner, "eqns") and any(_calls_shard_map(e) for e in inner.eqns):
+      return True
+  return False
+
+
+def _has_token_input(eqn):
+  # The layer call takes the [B, L, d] activations; the prefetch call only weights and a table.
+  return any(getattr(v.aval, "shape", ()) == (4, 16, 16) for v in eqn.invars
+             if type(v).__name__ != "Literal")
+
+
+def _forward_taint(jaxpr, tainted):
+  tainted = set(tainted)
+  for eqn in jaxpr.eqns:
+    if any(type(v).__name__ != "Literal" and v in tainted for v in eqn.invars):
+      tainted.update(eqn.outvars)
+  return tainted
