@@ -1,0 +1,75 @@
+"""Learned predictor: recording traces, training, orbax round trip; metrics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import moe_jax
+from moe_jax import metrics, predictor, predictor_training
+from moe_jax.models import moe_stack
+from tests import helpers
+
+
+def _traces():
+  cfg = moe_jax.MoEConfig(num_experts=8, d_model=16, d_ff=32)
+  params = moe_stack.init(jax.random.key(0), cfg, 3)
+  mesh = moe_jax.make_mesh(1, 8)
+  recorder = predictor_training.TraceRecorder(moe_stack.plain_moe_fn(cfg, mesh))
+
+  @jax.jit
+  def record(params, h):
+    recorder.inputs, recorder.probs = {}, {}
+    moe_stack.forward(params, h, recorder.moe_fn)
+    return recorder.traces()
+
+  batches = [record(params, helpers.skewed_tokens(cfg, 4, 32, seed=s)) for s in range(3)]
+  routers = {moe_stack.STACK: [l["moe"]["router"] for l in params["layers"]]}
+  return cfg, predictor_training.concat_traces(batches), routers
+
+
+def test_training_lowers_the_loss_and_round_trips(tmp_path):
+  cfg, traces, routers = _traces()
+  xs, probs = traces[moe_stack.STACK]
+  assert len(xs) == 3 and xs[0].shape == (384, 16) and probs[1].shape == (384, 8)
+  learned = predictor_training.train_learned(traces, routers, steps=60, batch_size=128,
+                                             learning_rate=1e-2)
+  pairs = learned[moe_stack.STACK]
+  assert len(pairs) == 2
+  for l, params in enumerate(pairs):
+    start = predictor.init_learned(jax.random.key(0), 16, 8, next_router=routers[
+        moe_stack.STACK][l + 1])
+    before = predictor_training.soft_cross_entropy(start, xs[l], probs[l + 1])
+    after = predictor_training.soft_cross_entropy(params, xs[l], probs[l + 1])
+    assert float(after) < float(before)
+  path = predictor_training.save_learned(str(tmp_path / "pred"), learned, metadata={"d": 16})
+  template = predictor_training.learned_template({moe_stack.STACK: 3}, 16, 8)
+  restored = predictor_training.restore_learned(path, template=template)
+  for a, b in zip(jax.tree.leaves(learned), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(a, b)
+  wrong = predictor_training.learned_template({moe_stack.STACK: 3}, 32, 8)
+  with pytest.raises(ValueError, match=r"target shape \[32, 8\], checkpoint shape \[16, 8\]"):
+    predictor_training.restore_learned(path, template=wrong)
+
+
+def test_low_rank_predictor_trains():
+  cfg, traces, routers = _traces()
+  learned = predictor_training.train_learned(traces, routers, rank=4, steps=30, batch_size=128)
+  assert learned[moe_stack.STACK][0]["u"].shape == (16, 4)
+  logits = predictor.learned_logits(learned[moe_stack.STACK][0], jnp.zeros((5, 16)))
+  assert logits.shape == (5, 8)
+
+
+def test_metrics():
+  assert metrics.hit_rate([0, 1, 2, -1], [[0], [1], [0], [3]]) == 0.5
+  assert np.isnan(metrics.hit_rate([-1, -1], [[0], [1]]))
+  logits = np.array([[3.0, 2.0, 1.0], [0.0, 1.0, 2.0]])
+  assert metrics.recall_at(logits, [[1], [1]], 1) == 0.0
+  assert metrics.recall_at(logits, [[1], [1]], 2) == 1.0
+  assert metrics.load_l1_error([2.0, 2.0], [1.0, 3.0]) == pytest.approx(0.5)
+  assert metrics.load_l1_error([10.0, 30.0], [1.0, 3.0]) == pytest.approx(0.0)
+  table = moe_jax.home_slot_table(4, 2, 1)
+  assert metrics.expected_balancedness([3.0, 1.0, 1.0, 1.0], table) == pytest.approx(3 / 4)
+  assert metrics.oracle_balancedness([3.0, 1.0, 1.0, 1.0], 2, 1) == pytest.approx(1.0)
+  counts = predictor.choice_counts(jnp.array([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]]), 1)
+  np.testing.assert_array_equal(counts, [2.0, 1.0])
