@@ -1,0 +1,47 @@
+r"""Convert a Hugging Face Switch checkpoint once, so moe_jax never unpickles anything at load time.
+
+  python launch/convert_hf.py --src=switch-base-128 --dst=switch-base-128-st
+      pytorch_model*.bin (single or sharded) -> model*.safetensors with the same keys (needs torch;
+      torch.load(weights_only=True), shard by shard)
+  python launch/convert_hf.py --src=switch-base-8 --dst=/ckpt/switch8 --format=orbax \
+      [--dtype=bfloat16]
+      .bin or safetensors -> orbax params + config (restore with orbax_io.restore_params)
+"""
+
+import _setup  # noqa: F401  (process set-up, before anything imports jax)
+
+import sys  # noqa: E402
+
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from moe_jax.checkpoints import convert  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("src", None, "HF checkpoint directory (or its weights file / index)")
+flags.DEFINE_string("dst", None, "output directory")
+flags.DEFINE_enum("format", "safetensors", ["safetensors", "orbax"], "output format")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
+                  "dtype of the orbax params (--format=orbax)")
+flags.DEFINE_bool("force", False, "replace an existing orbax checkpoint at --dst")
+flags.mark_flags_as_required(["src", "dst"])
+
+
+def main(argv):
+  del argv
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
+  try:
+    if FLAGS.format == "safetensors":
+      written = convert.to_safetensors(FLAGS.src, FLAGS.dst)
+      print(f"wrote {len(written)} files to {FLAGS.dst}")
+    else:
+      out = convert.to_orbax(FLAGS.src, FLAGS.dst, dtype=jnp.dtype(FLAGS.dtype),
+                             force=FLAGS.force)
+      print(f"wrote orbax params to {out}")
+  except (ImportError, ValueError, FileNotFoundError) as e:
+    sys.exit(f"convert_hf: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)
