@@ -1,15 +1,45 @@
-"""Process set-up shared by launch scripts; import it before anything imports jax."""
+"""Process set-up shared by launch scripts; import it before anything imports jax.
+
+  import _setup
+  _setup.simulate_cpu_devices()      # honours --config.cpu_devices=N (default 8)
+  ...
+  if __name__ == "__main__":
+    _setup.run(main)                 # absl app.run + one-line errors for UsageError
+"""
 
 import os
 import re
+import sys
 
 
-def simulate_cpu_devices(count: int = 8) -> None:
-  """Ask XLA for `count` host (CPU) devices unless the user already chose a number.
+def simulate_cpu_devices(count: int | None = None) -> None:
+  """Ask XLA for N host (CPU) devices unless the user already chose a number.
 
-  Only the CPU platform reads this flag, so it is harmless on GPU/TPU hosts; it must be set before
-  jax initialises its backends.
+  N is `count`, else the value of a --config.cpu_devices=N flag, else 8. Only the CPU platform
+  reads this flag, so it is harmless on GPU/TPU hosts; it must be set before jax initialises.
   """
+  if count is None:
+    count = 8
+    for arg in sys.argv[1:]:
+      match = re.fullmatch(r"--config\.cpu_devices=(\d+)", arg)
+      if match:
+        count = int(match.group(1))
   flags = os.environ.get("XLA_FLAGS", "")
   if count > 1 and not re.search(r"--xla_force_host_platform_device_count=\d+", flags):
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
+def run(main) -> None:
+  """absl's app.run(main), printing a config/usage problem as one line instead of a traceback."""
+  from absl import app, logging  # pylint: disable=import-outside-toplevel
+  from moe_jax import runtime  # pylint: disable=import-outside-toplevel
+
+  def guarded(argv):
+    logging.set_verbosity(logging.INFO)
+    try:
+      return main(argv)
+    except (runtime.UsageError, FileNotFoundError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(guarded)

@@ -31,7 +31,9 @@ class ReplicationConfig:
   """How replicas are placed.
 
   Attributes:
-    predictor: "none", "history", "pregate", "learned" or "oracle" (benchmarks only).
+    predictor: "none", "history", "pregate", "learned" or "oracle" (benchmarks only); or
+      "dynamic": the kind is a traced argument (`StackRunner(policy=...)`, an index into
+      `DYNAMIC_KINDS`), so one compiled program serves every replicating predictor.
     first_layer: placement of each stack's first MoE layer: "history" or "none".
     history_decay: EMA decay of the per-layer load history.
   """
@@ -41,11 +43,22 @@ class ReplicationConfig:
   history_decay: float = 0.8
 
   def __post_init__(self):
-    predictor_lib.check_kind(self.predictor)
+    if self.predictor != "dynamic":
+      predictor_lib.check_kind(self.predictor)
     if self.first_layer not in ("history", "none"):
       raise ValueError(f"first_layer={self.first_layer!r}: use 'history' or 'none'.")
     if not 0.0 <= self.history_decay < 1.0:
       raise ValueError(f"history_decay={self.history_decay} must be in [0, 1).")
+
+
+DYNAMIC_KINDS = ("history", "pregate", "learned", "oracle")
+
+
+def policy_index(kind: str) -> int:
+  """Index of a replicating predictor kind for `StackRunner(policy=...)` in dynamic mode."""
+  if kind not in DYNAMIC_KINDS:
+    raise ValueError(f"dynamic mode selects one of {DYNAMIC_KINDS}, got {kind!r}.")
+  return DYNAMIC_KINDS.index(kind)
 
 
 @struct.dataclass
@@ -96,11 +109,16 @@ class StackRunner:
     state: `ReplicationState` from the previous batch (`init_state` at the start).
     learned: stack -> list of learned predictor params, entry j predicting layer j + 1.
     oracle_loads: stack -> <f32>[n, E] true loads of this batch (benchmarks only).
+    policy: in "dynamic" mode, a traced int32 index into `DYNAMIC_KINDS` (see `policy_index`);
+      needs both `learned` and `oracle_loads`.
   """
 
   def __init__(self, config: ReplicationConfig, moe_cfg: MoEConfig, mesh, layers: dict,
                state: ReplicationState, *, learned: dict | None = None,
-               oracle_loads: dict | None = None):
+               oracle_loads: dict | None = None, policy: jax.Array | None = None):
+    if config.predictor == "dynamic" and (policy is None or learned is None
+                                          or oracle_loads is None):
+      raise ValueError("predictor='dynamic' needs policy=, learned= and oracle_loads=.")
     if config.predictor == "learned" and learned is None:
       raise ValueError("predictor='learned' needs learned predictor params: train them with "
                        "launch/train_predictor.py and pass them as learned=...")
@@ -109,7 +127,7 @@ class StackRunner:
                        "e.g. from a first pass with predictor='none'.")
     self.config, self.moe_cfg, self.mesh = config, moe_cfg, mesh
     self.layers, self.state = layers, state
-    self.learned, self.oracle_loads = learned, oracle_loads
+    self.learned, self.oracle_loads, self.policy = learned, oracle_loads, policy
     self._pending: dict = {}
     self._records: dict = {stack: [] for stack in layers}
 
@@ -156,31 +174,47 @@ class StackRunner:
 
   def _first_placement(self, stack, x):
     kind = self.config.predictor
-    if kind == "oracle":
-      return self._placement(stack, 0, self.oracle_loads[stack][0], _no_top1(x))
-    if not self.replicating or self.config.first_layer == "none":
+    if not self.replicating or (self.config.first_layer == "none" and kind != "oracle"):
       return _Placement(load=jnp.zeros((self.moe_cfg.num_experts,)), top1=_no_top1(x), table=None,
                         weights=None)
-    return self._placement(stack, 0, self.state.history[stack][0], _no_top1(x))
+    history = lambda: (self.state.history[stack][0], _no_top1(x))
+    oracle = lambda: (self.oracle_loads[stack][0], _no_top1(x))
+    if kind == "dynamic":
+      is_oracle = self.policy == DYNAMIC_KINDS.index("oracle")
+      load, top1 = jax.lax.cond(is_oracle, oracle, history)
+    else:
+      load, top1 = oracle() if kind == "oracle" else history()
+    return self._placement(stack, 0, load, top1)
 
   def _plan(self, stack, index, x):
     """Placement + prefetch for layer `index` from the previous layer's input x."""
-    kind = self.config.predictor
-    tokens = x.reshape(-1, x.shape[-1])
-    top_k = self.moe_cfg.top_k
     if not self.replicating:
       return _Placement(load=jnp.zeros((self.moe_cfg.num_experts,)), top1=_no_top1(x), table=None,
                         weights=None)
-    if kind == "history":
-      return self._placement(stack, index, self.state.history[stack][index], _no_top1(x))
-    if kind == "oracle":
-      return self._placement(stack, index, self.oracle_loads[stack][index], _no_top1(x))
-    if kind == "pregate":
-      logits = predictor_lib.pregate_logits(tokens, self.layers[stack][index]["router"])
+    estimators = self._estimators(stack, index, x)
+    if self.config.predictor == "dynamic":
+      load, top1 = jax.lax.switch(self.policy, [estimators[k] for k in DYNAMIC_KINDS])
     else:
-      logits = predictor_lib.learned_logits(self.learned[stack][index - 1], tokens)
-    load = predictor_lib.choice_counts(logits, top_k)
-    return self._placement(stack, index, load, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+      load, top1 = estimators[self.config.predictor]()
+    return self._placement(stack, index, load, top1)
+
+  def _estimators(self, stack, index, x):
+    """kind -> thunk returning (load <f32>[E], per-token predicted top-1 <int32>[T] or -1)."""
+    tokens = x.reshape(-1, x.shape[-1])
+    top_k = self.moe_cfg.top_k
+
+    def from_logits(logits):
+      return (predictor_lib.choice_counts(logits, top_k),
+              jnp.argmax(logits, axis=-1).astype(jnp.int32))
+
+    return {
+        "history": lambda: (self.state.history[stack][index].astype(jnp.float32), _no_top1(x)),
+        "oracle": lambda: (self.oracle_loads[stack][index].astype(jnp.float32), _no_top1(x)),
+        "pregate": lambda: from_logits(predictor_lib.pregate_logits(
+            tokens, self.layers[stack][index]["router"])),
+        "learned": lambda: from_logits(predictor_lib.learned_logits(
+            self.learned[stack][index - 1], tokens)),
+    }
 
   def _placement(self, stack, index, load, top1):
     table = moe_layer.place(load, self.moe_cfg, mesh=self.mesh)

@@ -143,3 +143,22 @@ def _forward_taint(jaxpr, tainted):
     if any(type(v).__name__ != "Literal" and v in tainted for v in eqn.invars):
       tainted.update(eqn.outvars)
   return tainted
+
+
+def test_dynamic_policy_matches_each_static_policy():
+  cfg, params, h, mesh = _stack(mesh_shape=(1, 8))
+  state = replication.init_state({moe_stack.STACK: LAYERS}, cfg.num_experts)
+  _, none_records, state = _jit_run(cfg, mesh, replication.ReplicationConfig())(params, h, state, {})
+  oracle = {moe_stack.STACK: jnp.stack([r.stats.tokens_per_expert
+                                        for r in none_records[moe_stack.STACK]]).astype(jnp.float32)}
+  learned = _learned(cfg, params)
+  dynamic = _jit_run(cfg, mesh, replication.ReplicationConfig(predictor="dynamic"))
+  for kind in replication.DYNAMIC_KINDS:
+    kw = {"learned": learned, "oracle_loads": oracle}
+    _, got, _ = dynamic(params, h, state, dict(kw, policy=jnp.int32(replication.policy_index(kind))))
+    static_kw = {"learned": {"learned": learned}, "oracle": {"oracle_loads": oracle}}.get(kind, {})
+    _, want, _ = _jit_run(cfg, mesh, replication.ReplicationConfig(predictor=kind))(
+        params, h, state, static_kw)
+    for a, b in zip(got[moe_stack.STACK], want[moe_stack.STACK]):
+      np.testing.assert_array_equal(a.slot_table, b.slot_table)
+      np.testing.assert_allclose(a.predicted_load, b.predicted_load)

@@ -1,0 +1,37 @@
+"""Train a small Switch model on the pydoc text that ships with Python (+ its SentencePiece vocab).
+
+  python launch/train.py --config=configs/switch_tiny.py [--config.train.steps=1500]
+      [--config.train.out_dir=/tmp/switch_tiny]
+
+Writes OUT_DIR/spiece.model, the orbax checkpoint (OUT_DIR/moe_jax.json + params/) with the
+training log and the per-layer expert-load skew in its metadata. OUT_DIR defaults to the path of
+config.checkpoint (for configs/switch_tiny.py: the packaged moe_jax/assets/switch_tiny).
+"""
+
+import _setup
+
+_setup.simulate_cpu_devices(1)   # training runs on one device
+
+import json  # noqa: E402
+
+from absl import flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from moe_jax import presets, workflows  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/switch_tiny.py", lock_config=True)
+flags.DEFINE_bool("force", False, "overwrite an existing checkpoint in the output dir")
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  out_dir = config.train.out_dir or presets.resolve_checkpoint(config.checkpoint)
+  summary = workflows.train_switch_on_pydoc(config, out_dir, force=flags.FLAGS.force)
+  logging.info("wrote %s", out_dir)
+  print(json.dumps({layer: round(s["max_over_mean"], 2) for layer, s in summary["skew"].items()}))
+  print(f"final: {json.dumps(summary['final'])}")
+
+
+if __name__ == "__main__":
+  _setup.run(main)
