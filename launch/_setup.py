@@ -29,6 +29,20 @@ def simulate_cpu_devices(count: int | None = None) -> None:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
+def quiet_library_logs() -> None:
+  """Keep INFO progress lines from moe_jax; drop orbax's and jax's INFO chatter."""
+  import logging as py_logging  # pylint: disable=import-outside-toplevel
+
+  class _Filter(py_logging.Filter):
+    def filter(self, record):
+      noisy = ("orbax" in record.pathname or "/jax/" in record.pathname
+               or "etils" in record.pathname)
+      return record.levelno >= py_logging.WARNING or not noisy
+
+  for handler in py_logging.getLogger("absl").handlers + py_logging.getLogger().handlers:
+    handler.addFilter(_Filter())
+
+
 def run(main) -> None:
   """absl's app.run(main), printing a config/usage problem as one line instead of a traceback."""
   from absl import app, logging  # pylint: disable=import-outside-toplevel
@@ -36,6 +50,7 @@ def run(main) -> None:
 
   def guarded(argv):
     logging.set_verbosity(logging.INFO)
+    quiet_library_logs()
     try:
       return main(argv)
     except (runtime.UsageError, FileNotFoundError) as e:

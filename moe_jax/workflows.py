@@ -128,3 +128,49 @@ def train_predictor(config, out_dir: str, *, force: bool = False) -> dict:
               "tokens": int(next(iter(traces.values()))[0][0].shape[0])}
   predictor_training.save_learned(out_dir, learned, metadata=metadata, force=force)
   return metadata
+
+
+def load_switch_model(config, mesh):
+  """(SwitchModel with config.moe, tokenizer or None) from config.checkpoint."""
+  model_cfg, params, tokenizer = runtime.load_model(config, mesh=mesh)
+  moe_overrides = dict(config.moe)
+  return switch.SwitchModel(model_cfg, params, mesh=mesh, moe_overrides=moe_overrides), tokenizer
+
+
+def pad_batch(rows: list[list[int]], multiple: int, pad_id: int):
+  """(<int32>[B, L] ids, mask) right-padded; B rounded up to a multiple of the data axis."""
+  length = max(len(r) for r in rows)
+  batch = -(-len(rows) // multiple) * multiple
+  ids = np.full((batch, length), pad_id, np.int32)
+  mask = np.zeros((batch, length), np.int32)
+  for i, row in enumerate(rows):
+    ids[i, :len(row)] = row
+    mask[i, :len(row)] = 1
+  mask[len(rows):, 0] = 1   # filler rows: one visible pad token
+  return jnp.asarray(ids), jnp.asarray(mask)
+
+
+def balance_lines(config, model, input_ids, mask, mesh) -> list[str]:
+  """Per encoder MoE layer: tokens per device and balancedness, none vs the configured predictor."""
+  from moe_jax import replication  # pylint: disable=import-outside-toplevel
+  from moe_jax.models import switch_stack  # pylint: disable=import-outside-toplevel
+  rcfg = runtime.replication_config(config)
+  layers = runtime.sparse_layers(model.params, model.config)
+  counts = {s: len(v) for s, v in layers.items()}
+  lines = [f"per-layer balance of the encoder pass (mesh data={mesh.shape['data']} x "
+           f"expert={mesh.shape['expert']}, r={model.moe_config.num_replica_slots}, "
+           f"predictor={rcfg.predictor}):"]
+  for name, kind in (("none", "none"), (rcfg.predictor, rcfg.predictor)):
+    if kind in ("learned", "oracle", "dynamic"):
+      lines.append(f"  ({kind}: see launch/bench.py for this policy)")
+      continue
+    runner = replication.StackRunner(replication.ReplicationConfig(predictor=kind),
+                                     model.moe_config, mesh, layers,
+                                     replication.init_state(counts, model.config.num_experts))
+    jax.block_until_ready(switch_stack.encode(model.params, model.config, input_ids, mask,
+                                              moe_fn=runner.moe_fn))
+    for i, record in enumerate(runner.records()["encoder"]):
+      per_device = np.asarray(record.stats.tokens_per_device).reshape(-1).tolist()
+      lines.append(f"  {name:8s} encoder/{i}: tokens per device {per_device} balancedness "
+                   f"{float(record.stats.balancedness):.2f}")
+  return lines

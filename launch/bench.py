@@ -1,0 +1,52 @@
+"""The main job: MoE inference with predictive replication vs the alternatives, with a report.
+
+  python launch/bench.py [--config=configs/bench.py:model=switch_tiny] [--config.bench.repeats=3]
+
+Runs the model over held-out text for each policy (none, history, pregate, learned, oracle) and
+dispatch mode (dropless, capacity) on a (data, expert) mesh (8 simulated CPU devices by default),
+then writes REPORT_DIR/report.json and PNG plots and prints a table.
+"""
+
+import _setup
+
+_setup.simulate_cpu_devices()
+
+import os  # noqa: E402
+
+import jax  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from moe_jax import runtime  # noqa: E402
+from moe_jax.bench import harness, plots, report as report_lib  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py", lock_config=True)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  mesh = runtime.make_mesh(config.mesh)
+  setup, batches = harness.load_setup(config, mesh)
+  policies = [p for p in config.bench.policies.split(",") if p]
+  if setup.learned is None and "learned" in policies:
+    logging.warning("no learned predictor at %r: skipping policy 'learned' (train one with "
+                    "launch/train_predictor.py)", config.predictor_checkpoint)
+    policies.remove("learned")
+  runs = {}
+  for mode in [m for m in config.bench.dispatch_modes.split(",") if m]:
+    runs[mode] = harness.run_mode(setup, batches, mode, policies, repeats=config.bench.repeats)
+  meta = harness.describe(config, setup, batches, mesh)
+  report = report_lib.build_report(runs, meta)
+  os.makedirs(config.bench.report_dir, exist_ok=True)
+  report_lib.write_json(report, os.path.join(config.bench.report_dir, "report.json"))
+  if config.bench.plots:
+    for path in plots.write_all(report, config.bench.report_dir):
+      logging.info("wrote %s", path)
+  print(f"\n{meta['summary']}")
+  print(report_lib.table(report))
+  print(f"\nreport: {os.path.join(config.bench.report_dir, 'report.json')}")
+
+
+if __name__ == "__main__":
+  _setup.run(main)

@@ -1,0 +1,38 @@
+"""Train the learned one-layer-ahead predictor of a Switch model from its routing traces.
+
+  python launch/train_predictor.py --config=configs/switch_tiny.py \
+      [--config.train.predictor_steps=400 --config.train.predictor_rank=0] [--out_dir=...]
+
+Records (layer-l input, layer-l' router probabilities) on the training split of the pydoc text,
+trains one small map per consecutive MoE-layer pair with AdamW, and saves it with orbax to
+--out_dir (default: config.predictor_checkpoint).
+"""
+
+import _setup
+
+_setup.simulate_cpu_devices(1)
+
+import json  # noqa: E402
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from moe_jax import presets, runtime, workflows  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/switch_tiny.py", lock_config=True)
+flags.DEFINE_string("out_dir", "", "where to save (default: config.predictor_checkpoint)")
+flags.DEFINE_bool("force", False, "overwrite an existing predictor checkpoint")
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  out_dir = flags.FLAGS.out_dir or presets.resolve_checkpoint(config.predictor_checkpoint)
+  if not out_dir:
+    raise runtime.UsageError("no output dir: pass --out_dir or set config.predictor_checkpoint.")
+  summary = workflows.train_predictor(config, out_dir, force=flags.FLAGS.force)
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  _setup.run(main)

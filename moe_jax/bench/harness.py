@@ -1,0 +1,164 @@
+"""The main job: run a Switch model over held-out text under every replication policy and both
+dispatch modes, and collect per-layer metrics.
+
+Per dispatch mode, two compiled programs: `none` (no replica slots at all) and one "dynamic"
+program whose predictor kind is a traced argument, so history / pregate / learned / oracle share a
+compilation and differ only in where replicas go. `oracle` uses the true loads of the same batch
+from the `none` pass: an upper bound, never a serving policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from moe_jax import replication
+from moe_jax.config import MoEConfig
+from moe_jax.models import switch
+
+STACKS = ("encoder", "decoder")
+
+
+@dataclasses.dataclass
+class BenchSetup:
+  """Everything a policy run needs (typed; built by the launch script)."""
+
+  model_cfg: switch.SwitchConfig
+  params: dict
+  moe_cfg: MoEConfig
+  replication_cfg: replication.ReplicationConfig
+  mesh: jax.sharding.Mesh
+  layers: dict                       # stack -> sparse FFN params (runtime.sparse_layers)
+  learned: dict | None               # stack -> learned predictor params, or None
+
+
+def _forward(setup: BenchSetup, moe_cfg: MoEConfig, rcfg: replication.ReplicationConfig):
+  """jit(params, batch, state, extras) -> (logits, records, next state)."""
+  model_cfg, mesh = setup.model_cfg, setup.mesh
+
+  @jax.jit
+  def run(params, batch, state, extras):
+    layers = {s: [params[s]["blocks"][i]["ff"] for i in model_cfg.sparse_blocks(s)]
+              for s in STACKS}
+    runner = replication.StackRunner(rcfg, moe_cfg, mesh, layers, state, **extras)
+    mask = jnp.ones_like(batch["input_ids"])
+    out = switch.forward(params, model_cfg, batch["input_ids"], mask, batch["decoder_input_ids"],
+                         moe_fn=runner.moe_fn)
+    return out.logits, runner.records(), runner.next_state()
+
+  return run
+
+
+def run_mode(setup: BenchSetup, batches: list[dict], dispatch: str, policies: list[str], *,
+             repeats: int) -> dict:
+  """Runs every policy over `batches` in one dispatch mode.
+
+  Returns:
+    policy -> {"records": [per batch: stack -> [LayerRecord as numpy]], "logits_maxdiff": float,
+               "seconds": [per repeat: seconds for all batches], "tokens": int}.
+  """
+  moe_cfg = setup.moe_cfg.replace(dispatch=dispatch)
+  counts = {s: len(setup.layers[s]) for s in STACKS}
+  none_fn = _forward(setup, moe_cfg.replace(num_replica_slots=0), replication.ReplicationConfig())
+  dyn_cfg = dataclasses.replace(setup.replication_cfg, predictor="dynamic")
+  dynamic_fn = _forward(setup, moe_cfg, dyn_cfg)
+  learned = setup.learned
+  if learned is None:   # keeps the dynamic program's shapes; "learned" is skipped below
+    learned = {s: [{"w": jnp.zeros((setup.model_cfg.d_model, moe_cfg.num_experts)),
+                    "b": jnp.zeros((moe_cfg.num_experts,))} for _ in range(n - 1)]
+               for s, n in counts.items()}
+  results = {p: {"records": [], "logits_maxdiff": 0.0, "seconds": [], "tokens": 0}
+             for p in policies}
+  states = {p: replication.init_state(counts, moe_cfg.num_experts) for p in policies}
+  reference, oracle = [], []
+  for b, batch in enumerate(batches):
+    logits, records, _ = none_fn(setup.params, batch, states["none"], {})
+    reference.append(logits)
+    oracle.append({s: jnp.stack([r.stats.tokens_per_expert for r in records[s]]).astype(
+        jnp.float32) for s in STACKS})
+    for policy in policies:
+      if policy == "none":
+        rec, state = records, states["none"]
+      else:
+        extras = dict(learned=learned, oracle_loads=oracle[b],
+                      policy=jnp.int32(replication.policy_index(policy)))
+        out, rec, state = dynamic_fn(setup.params, batch, states[policy], extras)
+        diff = float(jnp.max(jnp.abs(out - logits)))
+        results[policy]["logits_maxdiff"] = max(results[policy]["logits_maxdiff"], diff)
+      states[policy] = state if policy != "none" else states["none"]
+      results[policy]["records"].append(jax.tree.map(np.asarray, rec))
+    logging.info("[%s] batch %d/%d: ran %d policies", dispatch, b + 1, len(batches),
+                 len(policies))
+  _time_policies(results, policies, batches, none_fn, dynamic_fn, setup, learned, oracle, counts,
+                 moe_cfg, repeats)
+  return results
+
+
+def _time_policies(results, policies, batches, none_fn, dynamic_fn, setup, learned, oracle, counts,
+                   moe_cfg, repeats):
+  """Interleaved timing rounds: every policy over all batches, `repeats` times."""
+  tokens = sum(int(b["input_ids"].size + b["decoder_input_ids"].size) for b in batches)
+  for r in range(repeats):
+    for policy in policies:
+      state = replication.init_state(counts, moe_cfg.num_experts)
+      start = time.perf_counter()
+      for b, batch in enumerate(batches):
+        if policy == "none":
+          out = none_fn(setup.params, batch, state, {})
+        else:
+          extras = dict(learned=learned, oracle_loads=oracle[b],
+                        policy=jnp.int32(replication.policy_index(policy)))
+          out = dynamic_fn(setup.params, batch, state, extras)
+        jax.block_until_ready(out[0])
+        state = out[2]
+      results[policy]["seconds"].append(time.perf_counter() - start)
+      results[policy]["tokens"] = tokens
+    logging.info("timing round %d/%d done", r + 1, repeats)
+
+
+def load_setup(config, mesh) -> tuple[BenchSetup, list[dict]]:
+  """Model, MoE/replication configs, learned predictor and held-out batches from the config tree."""
+  from moe_jax import runtime, workflows  # pylint: disable=import-outside-toplevel
+  from moe_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  model_cfg, params, tokenizer = runtime.load_model(config, mesh=mesh)
+  if tokenizer is None:
+    raise runtime.UsageError(f"{config.checkpoint} has no spiece.model: the benchmark tokenises "
+                             "held-out pydoc text with the checkpoint's own vocabulary.")
+  num_data = mesh.shape["data"]
+  if config.data.batch_size % num_data:
+    raise runtime.UsageError(f"data.batch_size={config.data.batch_size} is not divisible by "
+                             f"mesh.data={num_data}; change one of them.")
+  windows = workflows.pydoc_windows(config, tokenizer, "held_out")
+  batches = list(data_lib.batches(windows, config.data.batch_size))[:config.data.num_batches]
+  if not batches:
+    raise runtime.UsageError("held-out text gave no full batch; lower data.batch_size.")
+  batches = [jax.tree.map(jnp.asarray, b) for b in batches]
+  setup = BenchSetup(model_cfg=model_cfg, params=params,
+                     moe_cfg=runtime.moe_config(config, model_cfg),
+                     replication_cfg=runtime.replication_config(config), mesh=mesh,
+                     layers=runtime.sparse_layers(params, model_cfg),
+                     learned=runtime.load_learned_predictor(config, model_cfg))
+  return setup, batches
+
+
+def describe(config, setup: BenchSetup, batches: list[dict], mesh) -> dict:
+  """The report's meta section."""
+  devices = jax.devices()
+  tokens = sum(int(b["input_ids"].size + b["decoder_input_ids"].size) for b in batches)
+  summary = (f"{config.checkpoint}: {setup.model_cfg.num_experts} experts, "
+             f"{sum(len(v) for v in setup.layers.values())} MoE layers; mesh "
+             f"data={mesh.shape['data']} x expert={mesh.shape['expert']} on {len(devices)} "
+             f"{devices[0].platform} device(s); r={setup.moe_cfg.num_replica_slots} replica "
+             f"slots/device; {len(batches)} held-out batches, {tokens} tokens")
+  return {"summary": summary, "checkpoint": config.checkpoint, "mesh": dict(mesh.shape),
+          "platform": devices[0].platform, "num_devices": len(devices),
+          "num_replica_slots": setup.moe_cfg.num_replica_slots,
+          "batches": len(batches), "tokens": tokens, "config": config.to_dict(),
+          "note": ("tokens/s on simulated CPU devices measures overhead, not the straggler effect: "
+                   "all devices share the host's cores. 'modelled_ep_speedup_vs_none' is the "
+                   "ratio of summed per-layer max device loads (EP step time model).")}

@@ -1,0 +1,114 @@
+"""Turn benchmark runs into report.json and a compact table (metric definitions: moe_jax.metrics)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from moe_jax import metrics
+
+STACKS = ("encoder", "decoder")
+
+
+def layer_metrics(records_per_batch: list, stack: str, index: int) -> dict:
+  """Metrics of one MoE layer over all batches of one policy."""
+  recs = [batch[stack][index] for batch in records_per_batch]
+  per_device = [np.asarray(r.stats.tokens_per_device, np.float64) for r in recs]
+  true = [np.asarray(r.stats.tokens_per_expert, np.float64) for r in recs]
+  hits = [metrics.hit_rate(r.predicted_top1, r.stats.routing.expert_ids) for r in recs]
+  errors = [metrics.load_l1_error(r.predicted_load, t) for r, t in zip(recs, true)]
+  dropped = sum(int(r.stats.dropped_choices) for r in recs)
+  total = sum(int(r.stats.total_choices) for r in recs)
+  return {
+      "balancedness": float(np.mean([float(metrics.balancedness(d)) for d in per_device])),
+      "maxvio": float(np.mean([float(metrics.maxvio(d)) for d in per_device])),
+      "max_device_tokens": float(np.sum([d.max() for d in per_device])),
+      "drop_rate": metrics.drop_rate(dropped, total),
+      "hit_rate": _nanmean(hits),
+      "load_l1_error": _nanmean(errors),
+      "replica_bytes": float(np.sum([float(r.stats.replica_bytes) for r in recs])),
+      "tokens_per_expert": np.sum(true, axis=0).tolist(),
+      "tokens_per_device": np.sum([d.reshape(-1) for d in per_device], axis=0).tolist(),
+  }
+
+
+def policy_report(result: dict, reference: dict) -> dict:
+  """Per-layer and overall metrics of one policy; `reference` is the `none` policy's result."""
+  layers, none_max = {}, 0.0
+  for stack in STACKS:
+    for index in range(len(result["records"][0][stack])):
+      layers[f"{stack}/{index}"] = layer_metrics(result["records"], stack, index)
+      none_max += layer_metrics(reference["records"], stack, index)["max_device_tokens"]
+  own_max = sum(v["max_device_tokens"] for v in layers.values())
+  seconds = float(np.median(result["seconds"])) if result["seconds"] else float("nan")
+  overall = {
+      "balancedness": float(np.mean([v["balancedness"] for v in layers.values()])),
+      "maxvio": float(np.mean([v["maxvio"] for v in layers.values()])),
+      "drop_rate": float(np.mean([v["drop_rate"] for v in layers.values()])),
+      "hit_rate": _nanmean([v["hit_rate"] for v in layers.values()]),
+      "load_l1_error": _nanmean([v["load_l1_error"] for v in layers.values()]),
+      "replica_bytes": float(sum(v["replica_bytes"] for v in layers.values())),
+      "tokens_per_second": result["tokens"] / seconds if seconds > 0 else float("nan"),
+      "seconds_median": seconds,
+      "output_max_diff_vs_none": result["logits_maxdiff"],
+      "modelled_ep_speedup_vs_none": none_max / own_max if own_max > 0 else float("nan"),
+  }
+  return {"overall": overall, "layers": layers}
+
+
+def build_report(runs: dict, meta: dict) -> dict:
+  """runs: dispatch mode -> policy -> result (harness.run_mode)."""
+  report = {"meta": meta, "modes": {}}
+  for mode, results in runs.items():
+    report["modes"][mode] = {p: policy_report(r, results["none"]) for p, r in results.items()}
+    oracle = report["modes"][mode].get("oracle")
+    if oracle is not None:
+      for name in ("pregate", "learned", "history"):
+        if name in report["modes"][mode]:
+          own = report["modes"][mode][name]["overall"]
+          own["balancedness_vs_oracle"] = own["balancedness"] / oracle["overall"]["balancedness"]
+  return report
+
+
+def write_json(report: dict, path: str) -> None:
+  with open(path, "w") as f:
+    json.dump(_finite(report), f, indent=1)
+
+
+def table(report: dict) -> str:
+  """A compact text table: one row per (mode, policy)."""
+  head = (f"{'mode':9s} {'policy':8s} {'balanced':>8s} {'maxvio':>7s} {'drop%':>6s} {'hit':>5s} "
+          f"{'L1err':>6s} {'MB moved':>9s} {'tok/s':>8s} {'maxdiff':>8s} {'EP speedup':>10s}")
+  rows = [head, "-" * len(head)]
+  for mode, policies in report["modes"].items():
+    for policy, r in policies.items():
+      o = r["overall"]
+      rows.append(
+          f"{mode:9s} {policy:8s} {o['balancedness']:8.3f} {o['maxvio']:7.2f} "
+          f"{100 * o['drop_rate']:6.2f} {_fmt(o['hit_rate'], 5, 2)} {_fmt(o['load_l1_error'], 6, 2)} "
+          f"{o['replica_bytes'] / 1e6:9.1f} {o['tokens_per_second']:8.0f} "
+          f"{o['output_max_diff_vs_none']:8.1e} {o['modelled_ep_speedup_vs_none']:10.2f}")
+  return "\n".join(rows)
+
+
+def _fmt(x, width, digits):
+  return f"{'-':>{width}s}" if x is None or (isinstance(x, float) and math.isnan(x)) else \
+      f"{x:{width}.{digits}f}"
+
+
+def _nanmean(values):
+  values = [v for v in values if v is not None and not math.isnan(v)]
+  return float(np.mean(values)) if values else float("nan")
+
+
+def _finite(obj):
+  """JSON has no NaN: write null instead."""
+  if isinstance(obj, float):
+    return None if math.isnan(obj) or math.isinf(obj) else obj
+  if isinstance(obj, dict):
+    return {k: _finite(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_finite(v) for v in obj]
+  return obj
