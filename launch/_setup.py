@@ -29,6 +29,25 @@ def simulate_cpu_devices(count: int | None = None) -> None:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def define_config(default: str):
+  """`config_flags.DEFINE_config_file("config", ...)` with a default relative to the repo root.
+
+  config_flags applies `--config.x=...` overrides while defining the flag, so an unknown key
+  fails here: print one line naming it instead of a traceback.
+  """
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  try:
+    return config_flags.DEFINE_config_file("config", os.path.join(REPO, default),
+                                           lock_config=True)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    message = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+    print(f"error: bad --config override: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def quiet_library_logs() -> None:
   """Keep INFO progress lines from moe_jax; drop orbax's and jax's INFO chatter."""
   import logging as py_logging  # pylint: disable=import-outside-toplevel
@@ -57,4 +76,12 @@ def run(main) -> None:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
 
-  app.run(guarded)
+  def parse_flags(argv):
+    try:
+      return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+      message = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
+      print(f"error: bad flag or config override: {message}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(guarded, flags_parser=parse_flags)

@@ -15,12 +15,11 @@ import os  # noqa: E402
 
 import jax  # noqa: E402
 from absl import logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from moe_jax import runtime  # noqa: E402
 from moe_jax.bench import harness, plots, report as report_lib  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py", lock_config=True)
+_CONFIG = _setup.define_config("configs/bench.py")
 
 
 def main(argv):

@@ -16,11 +16,10 @@ _setup.simulate_cpu_devices()
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from moe_jax import runtime, workflows  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/switch_tiny.py", lock_config=True)
+_CONFIG = _setup.define_config("configs/switch_tiny.py")
 flags.DEFINE_multi_string("text", [], "input text (repeat for a batch)")
 flags.DEFINE_string("ids", "", "comma-separated input token ids (instead of --text)")
 flags.DEFINE_integer("max_new_tokens", 32, "tokens to generate")

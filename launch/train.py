@@ -15,11 +15,10 @@ _setup.simulate_cpu_devices(1)   # training runs on one device
 import json  # noqa: E402
 
 from absl import flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from moe_jax import presets, workflows  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/switch_tiny.py", lock_config=True)
+_CONFIG = _setup.define_config("configs/switch_tiny.py")
 flags.DEFINE_bool("force", False, "overwrite an existing checkpoint in the output dir")
 
 

@@ -137,12 +137,14 @@ def load_setup(config, mesh) -> tuple[BenchSetup, list[dict]]:
   batches = list(data_lib.batches(windows, config.data.batch_size))[:config.data.num_batches]
   if not batches:
     raise runtime.UsageError("held-out text gave no full batch; lower data.batch_size.")
-  batches = [jax.tree.map(jnp.asarray, b) for b in batches]
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batches = [jax.device_put(b, replicated) for b in batches]
+  learned = runtime.load_learned_predictor(config, model_cfg)
   setup = BenchSetup(model_cfg=model_cfg, params=params,
                      moe_cfg=runtime.moe_config(config, model_cfg),
                      replication_cfg=runtime.replication_config(config), mesh=mesh,
                      layers=runtime.sparse_layers(params, model_cfg),
-                     learned=runtime.load_learned_predictor(config, model_cfg))
+                     learned=None if learned is None else jax.device_put(learned, replicated))
   return setup, batches
 
 
