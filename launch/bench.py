@@ -32,10 +32,11 @@ def main(argv):
     logging.warning("no learned predictor at %r: skipping policy 'learned' (train one with "
                     "launch/train_predictor.py)", config.predictor_checkpoint)
     policies.remove("learned")
-  runs = {}
+  runs, warm = {}, config.bench.warmup_batches
   for mode in [m for m in config.bench.dispatch_modes.split(",") if m]:
-    runs[mode] = harness.run_mode(setup, batches, mode, policies, repeats=config.bench.repeats)
-  meta = harness.describe(config, setup, batches, mesh)
+    runs[mode] = harness.run_mode(setup, batches[warm:], mode, policies,
+                                  repeats=config.bench.repeats, warmup=batches[:warm])
+  meta = harness.describe(config, setup, batches[warm:], mesh)
   report = report_lib.build_report(runs, meta)
   os.makedirs(config.bench.report_dir, exist_ok=True)
   report_lib.write_json(report, os.path.join(config.bench.report_dir, "report.json"))

@@ -73,10 +73,10 @@ def common(model: dict, *, checkpoint: str = "") -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=1500, batch_size=16, learning_rate=3e-3, warmup=100, weight_decay=0.01,
       vocab_size=2048, stride=32, log_every=50, seed=0, out_dir="",
-      predictor_steps=400, predictor_rank=0, predictor_batches=16))
+      predictor_steps=1500, predictor_rank=0, predictor_batches=64))
   c.bench = ml_collections.ConfigDict(dict(
       policies="none,history,pregate,learned,oracle", dispatch_modes="dropless,capacity",
-      repeats=3, report_dir="reports/bench", plots=True))
+      repeats=3, warmup_batches=2, report_dir="reports/bench", plots=True))
   c.seed = 0
   return c
 

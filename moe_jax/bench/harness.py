@@ -55,74 +55,90 @@ def _forward(setup: BenchSetup, moe_cfg: MoEConfig, rcfg: replication.Replicatio
 
 
 def run_mode(setup: BenchSetup, batches: list[dict], dispatch: str, policies: list[str], *,
-             repeats: int) -> dict:
+             repeats: int, warmup: list[dict] = ()) -> dict:
   """Runs every policy over `batches` in one dispatch mode.
+
+  `warmup` batches run first, unscored, so the history EMA starts from past batches as it would
+  in a running server.
 
   Returns:
     policy -> {"records": [per batch: stack -> [LayerRecord as numpy]], "logits_maxdiff": float,
                "seconds": [per repeat: seconds for all batches], "tokens": int}.
   """
-  moe_cfg = setup.moe_cfg.replace(dispatch=dispatch)
-  counts = {s: len(setup.layers[s]) for s in STACKS}
-  none_fn = _forward(setup, moe_cfg.replace(num_replica_slots=0), replication.ReplicationConfig())
-  dyn_cfg = dataclasses.replace(setup.replication_cfg, predictor="dynamic")
-  dynamic_fn = _forward(setup, moe_cfg, dyn_cfg)
-  learned = setup.learned
-  if learned is None:   # keeps the dynamic program's shapes; "learned" is skipped below
-    learned = {s: [{"w": jnp.zeros((setup.model_cfg.d_model, moe_cfg.num_experts)),
-                    "b": jnp.zeros((moe_cfg.num_experts,))} for _ in range(n - 1)]
-               for s, n in counts.items()}
+  step = _Stepper(setup, setup.moe_cfg.replace(dispatch=dispatch))
   results = {p: {"records": [], "logits_maxdiff": 0.0, "seconds": [], "tokens": 0}
              for p in policies}
-  states = {p: replication.init_state(counts, moe_cfg.num_experts) for p in policies}
-  reference, oracle = [], []
+  states = {p: step.initial_state() for p in policies}
+  for batch in warmup:
+    _, oracle, _ = step("none", batch, states["none"], None)
+    for policy in policies:
+      if policy != "none":
+        states[policy] = step(policy, batch, states[policy], oracle)[2]
+  oracles = []
   for b, batch in enumerate(batches):
-    logits, records, _ = none_fn(setup.params, batch, states["none"], {})
-    reference.append(logits)
-    oracle.append({s: jnp.stack([r.stats.tokens_per_expert for r in records[s]]).astype(
-        jnp.float32) for s in STACKS})
+    logits, oracle, none_records = step("none", batch, states["none"], None)
+    oracles.append(oracle)
     for policy in policies:
       if policy == "none":
-        rec, state = records, states["none"]
+        records = none_records
       else:
-        extras = dict(learned=learned, oracle_loads=oracle[b],
-                      policy=jnp.int32(replication.policy_index(policy)))
-        out, rec, state = dynamic_fn(setup.params, batch, states[policy], extras)
+        out, records, states[policy] = step(policy, batch, states[policy], oracle)
         diff = float(jnp.max(jnp.abs(out - logits)))
         results[policy]["logits_maxdiff"] = max(results[policy]["logits_maxdiff"], diff)
-      states[policy] = state if policy != "none" else states["none"]
-      results[policy]["records"].append(jax.tree.map(np.asarray, rec))
+      results[policy]["records"].append(jax.tree.map(np.asarray, records))
     logging.info("[%s] batch %d/%d: ran %d policies", dispatch, b + 1, len(batches),
                  len(policies))
-  _time_policies(results, policies, batches, none_fn, dynamic_fn, setup, learned, oracle, counts,
-                 moe_cfg, repeats)
+  tokens = sum(int(b["input_ids"].size + b["decoder_input_ids"].size) for b in batches)
+  for r in range(repeats):                      # interleaved timing rounds
+    for policy in policies:
+      state = states[policy]
+      start = time.perf_counter()
+      for batch, oracle in zip(batches, oracles):
+        out = step(policy, batch, state, oracle, timing=True)
+        jax.block_until_ready(out[0])
+      results[policy]["seconds"].append(time.perf_counter() - start)
+      results[policy]["tokens"] = tokens
+    logging.info("[%s] timing round %d/%d done", dispatch, r + 1, repeats)
   return results
 
 
-def _time_policies(results, policies, batches, none_fn, dynamic_fn, setup, learned, oracle, counts,
-                   moe_cfg, repeats):
-  """Interleaved timing rounds: every policy over all batches, `repeats` times."""
-  tokens = sum(int(b["input_ids"].size + b["decoder_input_ids"].size) for b in batches)
-  for r in range(repeats):
-    for policy in policies:
-      state = replication.init_state(counts, moe_cfg.num_experts)
-      start = time.perf_counter()
-      for b, batch in enumerate(batches):
-        if policy == "none":
-          out = none_fn(setup.params, batch, state, {})
-        else:
-          extras = dict(learned=learned, oracle_loads=oracle[b],
-                        policy=jnp.int32(replication.policy_index(policy)))
-          out = dynamic_fn(setup.params, batch, state, extras)
-        jax.block_until_ready(out[0])
-        state = out[2]
-      results[policy]["seconds"].append(time.perf_counter() - start)
-      results[policy]["tokens"] = tokens
-    logging.info("timing round %d/%d done", r + 1, repeats)
+class _Stepper:
+  """One forward under a policy: `none` (no replica slots) or the shared dynamic program."""
+
+  def __init__(self, setup: BenchSetup, moe_cfg: MoEConfig):
+    self.setup = setup
+    self.counts = {s: len(setup.layers[s]) for s in STACKS}
+    self.num_experts = moe_cfg.num_experts
+    self.none_fn = _forward(setup, moe_cfg.replace(num_replica_slots=0),
+                            replication.ReplicationConfig())
+    self.dynamic_fn = _forward(setup, moe_cfg, dataclasses.replace(setup.replication_cfg,
+                                                                   predictor="dynamic"))
+    self.learned = setup.learned
+    if self.learned is None:   # keeps the dynamic program's shapes; "learned" is never selected
+      self.learned = {s: [{"w": jnp.zeros((setup.model_cfg.d_model, moe_cfg.num_experts)),
+                           "b": jnp.zeros((moe_cfg.num_experts,))} for _ in range(n - 1)]
+                      for s, n in self.counts.items()}
+
+  def initial_state(self):
+    return replication.init_state(self.counts, self.num_experts)
+
+  def __call__(self, policy, batch, state, oracle, timing=False):
+    """none: (logits, true loads per stack, records); else (logits, records, next state)."""
+    if policy == "none":
+      logits, records, _ = self.none_fn(self.setup.params, batch, state, {})
+      if timing:
+        return (logits,)
+      true = {s: jnp.stack([r.stats.tokens_per_expert for r in records[s]]).astype(jnp.float32)
+              for s in STACKS}
+      return logits, true, records
+    extras = dict(learned=self.learned, oracle_loads=oracle,
+                  policy=jnp.int32(replication.policy_index(policy)))
+    return self.dynamic_fn(self.setup.params, batch, state, extras)
 
 
 def load_setup(config, mesh) -> tuple[BenchSetup, list[dict]]:
-  """Model, MoE/replication configs, learned predictor and held-out batches from the config tree."""
+  """Model, MoE/replication configs, learned predictor and held-out batches (warm-up batches
+  first) from the config tree."""
   from moe_jax import runtime, workflows  # pylint: disable=import-outside-toplevel
   from moe_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   model_cfg, params, tokenizer = runtime.load_model(config, mesh=mesh)
@@ -134,7 +150,12 @@ def load_setup(config, mesh) -> tuple[BenchSetup, list[dict]]:
     raise runtime.UsageError(f"data.batch_size={config.data.batch_size} is not divisible by "
                              f"mesh.data={num_data}; change one of them.")
   windows = workflows.pydoc_windows(config, tokenizer, "held_out")
-  batches = list(data_lib.batches(windows, config.data.batch_size))[:config.data.num_batches]
+  wanted = config.bench.warmup_batches + config.data.num_batches
+  batches = list(data_lib.batches(windows, config.data.batch_size))[:wanted]
+  if len(batches) < wanted:
+    raise runtime.UsageError(f"held-out text gives {len(batches)} batches of "
+                             f"{config.data.batch_size}, fewer than bench.warmup_batches + "
+                             f"data.num_batches = {wanted}; lower one of them.")
   if not batches:
     raise runtime.UsageError("held-out text gave no full batch; lower data.batch_size.")
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
