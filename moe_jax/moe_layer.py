@@ -27,9 +27,8 @@ from flax import struct
 from jax.sharding import PartitionSpec as P
 
 from moe_jax import collectives
-from moe_jax import experts
+from moe_jax import dispatch
 from moe_jax import mesh as mesh_lib
-from moe_jax import permute
 from moe_jax import placement
 from moe_jax import routing as routing_lib
 from moe_jax.config import MoEConfig
@@ -166,7 +165,7 @@ def _moe_apply_jit(params, x, slot_table, replica_weights, token_mask, routing, 
   inputs = (shard(tokens), shard(routing.expert_ids), shard(routing.combine_weights),
             shard(dispatch_mask))
 
-  body = functools.partial(_layer_body, cfg=cfg, num_home=h,
+  body = functools.partial(dispatch.layer_body, cfg=cfg, mode=_exchange_mode(cfg),
                            prefetch_inside=replica_weights is None and cfg.num_replica_slots > 0)
   home = expert_weights(params)
   specs = {k: P("expert") for k in home}
@@ -194,73 +193,6 @@ def replica_bytes(slot_table: jax.Array, params: dict, num_home: int) -> jax.Arr
   per_expert = sum(math.prod(w.shape[1:]) * w.dtype.itemsize
                    for w in expert_weights(params).values())
   return jnp.sum(slot_table[:, num_home:] >= 0).astype(jnp.float32) * float(per_expert)
-
-
-def _layer_body(x, expert_ids, combine_weights, dispatch_mask, home, replicas, slot_table, *,
-                cfg: MoEConfig, num_home: int, prefetch_inside: bool):
-  """Per-device body. x <f>[T, d]; expert_ids, combine_weights, dispatch_mask [T, k]."""
-  mode = _exchange_mode(cfg)
-  if prefetch_inside:
-    replicas = collectives.prefetch_replicas(home, slot_table, mode=mode)
-  weights = {k: jnp.concatenate([home[k], replicas[k]], axis=0) if replicas else home[k]
-             for k in home}                                                 # [S, ...]
-  num_devices, slots_per_device = slot_table.shape
-  source_index = (jax.lax.axis_index("data") * num_devices + jax.lax.axis_index("expert"))
-  num_tokens = x.shape[0]
-  capacity = cfg.group_capacity(num_tokens) if cfg.dispatch == "capacity" else None
-  assignment = permute.assign_slots(expert_ids, dispatch_mask, slot_table,
-                                    num_experts=cfg.num_experts, source_index=source_index,
-                                    capacity=capacity)
-  run = _capacity_path if capacity is not None else _dropless_path
-  y_choice, group_sizes = run(x, assignment, weights, cfg=cfg, num_devices=num_devices,
-                              slots_per_device=slots_per_device, capacity=capacity, mode=mode)
-  y_choice = jnp.where((assignment.slot >= 0)[:, None], y_choice, 0)
-  y_choice = y_choice.reshape(cfg.top_k, num_tokens, -1).astype(jnp.float32)  # [k, T, d]
-  y = jnp.einsum("ktd,tk->td", y_choice, combine_weights.astype(jnp.float32))
-  dropped = jax.lax.psum(jnp.sum(assignment.dropped.astype(jnp.int32)), ("data", "expert"))
-  return y.astype(x.dtype), group_sizes[None, None, :], dropped
-
-
-def _dropless_path(x, assignment, weights, *, cfg, num_devices, slots_per_device, capacity, mode):
-  del capacity
-  num_tokens = x.shape[0]
-  num_slots = num_devices * slots_per_device
-  order, slot_counts = permute.sort_by_slot(assignment, num_slots)
-  count_matrix = jax.lax.all_gather(slot_counts, "expert")                  # [De, G]
-  plan = permute.exchange_plan(count_matrix, jax.lax.axis_index("expert"), slots_per_device)
-  sorted_slot = jnp.where(assignment.slot >= 0, assignment.slot, num_slots)[order]
-  x_sorted = x[order % num_tokens]                                          # [N, d]
-  exchange = dict(count_matrix=count_matrix, slots_per_device=slots_per_device,
-                               mode=mode, plan=plan, sorted_slot=sorted_slot)
-  received = collectives.dispatch(x_sorted, **exchange)                     # [De * N, d]
-  y_received = experts.grouped_ffn(received, plan.group_sizes, weights,
-                                   activation=cfg.activation, backend=cfg.gmm_backend)
-  y_sorted = collectives.combine(y_received, **exchange)                    # [N, d]
-  y_choice = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
-  return y_choice, plan.group_sizes
-
-
-def _capacity_path(x, assignment, weights, *, cfg, num_devices, slots_per_device, capacity, mode):
-  del mode
-  num_tokens, width = x.shape
-  num_slots = num_devices * slots_per_device
-  slot = jnp.where(assignment.slot >= 0, assignment.slot, num_slots)
-  rows = x[jnp.arange(slot.shape[0]) % num_tokens]                          # [N, d] choice order
-  send = jnp.zeros((num_slots, capacity, width), x.dtype)
-  send = send.at[slot, assignment.position].set(rows, mode="drop")          # [G, C, d]
-  received = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)          # [De(src) * S, C, d]
-  received = received.reshape(num_devices, slots_per_device, capacity, width)
-  received = received.transpose(1, 0, 2, 3).reshape(slots_per_device, num_devices * capacity, width)
-  y = experts.capacity_ffn(received, weights, activation=cfg.activation)   # [S, De * C, d]
-  y = y.reshape(slots_per_device, num_devices, capacity, width).transpose(1, 0, 2, 3)
-  returned = jax.lax.all_to_all(y.reshape(num_slots, capacity, width), "expert", 0, 0, tiled=True)
-  y_choice = returned[jnp.clip(slot, 0, num_slots - 1), jnp.clip(assignment.position, 0,
-                                                                  capacity - 1)]
-  slot_counts = jnp.zeros((num_slots,), jnp.int32).at[slot].add(1, mode="drop")
-  count_matrix = jax.lax.all_gather(slot_counts, "expert")                  # [De, G]
-  mine = jax.lax.dynamic_slice_in_dim(count_matrix, jax.lax.axis_index("expert") * slots_per_device,
-                                      slots_per_device, axis=1)
-  return y_choice, jnp.sum(mine, axis=0)
 
 
 def _exchange_mode(cfg: MoEConfig) -> str:
