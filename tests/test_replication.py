@@ -12,6 +12,7 @@ from moe_jax.models import moe_stack
 from tests import helpers
 
 LAYERS = 3
+KINDS = replication.DYNAMIC_KINDS
 
 
 def _stack(mesh_shape=(2, 4), top_k=1):
@@ -45,26 +46,22 @@ def _learned(cfg, params, reverse=False):
 
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_every_predictor_gives_the_same_output(top_k):
+  """One dynamic program runs every predictor (test_dynamic_policy_matches_each_static_policy
+  holds it to the static ones), including deliberately wrong learned and oracle loads."""
   cfg, params, h, mesh = _stack(top_k=top_k)
   state = replication.init_state({moe_stack.STACK: LAYERS}, cfg.num_experts)
-
-  @jax.jit
-  def none_pass(params, h, state):
-    out, records, new_state = _run(cfg, params, h, mesh, replication.ReplicationConfig(), state)
-    return out, [r.stats.tokens_per_expert for r in records[moe_stack.STACK]], new_state
-
-  reference, true_loads, state = none_pass(params, h, state)
-  oracle = {moe_stack.STACK: jnp.stack(true_loads).astype(jnp.float32)}
-  variants = [("history", {}), ("pregate", {}), ("learned", {"learned": _learned(cfg, params)}),
-              ("learned", {"learned": _learned(cfg, params, reverse=True)}),
-              ("oracle", {"oracle_loads": oracle}),
-              ("oracle", {"oracle_loads": {moe_stack.STACK: -oracle[moe_stack.STACK]
-                                           + oracle[moe_stack.STACK].max()}})]
-  compiled = {}
-  for kind, kw in variants:
-    if kind not in compiled:
-      compiled[kind] = _jit_run(cfg, mesh, replication.ReplicationConfig(predictor=kind))
-    out, records, _ = compiled[kind](params, h, state, kw)
+  reference, none_records, state = _jit_run(cfg, mesh, replication.ReplicationConfig())(
+      params, h, state, {})
+  true = jnp.stack([r.stats.tokens_per_expert for r in none_records[moe_stack.STACK]])
+  oracle = {moe_stack.STACK: true.astype(jnp.float32)}
+  reversed_oracle = {moe_stack.STACK: true.max() - oracle[moe_stack.STACK]}
+  dynamic = _jit_run(cfg, mesh, replication.ReplicationConfig(predictor="dynamic"))
+  variants = [(kind, _learned(cfg, params), oracle) for kind in KINDS] + [
+      ("learned", _learned(cfg, params, reverse=True), oracle),
+      ("oracle", _learned(cfg, params), reversed_oracle)]
+  for kind, learned, loads in variants:
+    out, records, _ = dynamic(params, h, state, dict(
+        learned=learned, oracle_loads=loads, policy=jnp.int32(replication.policy_index(kind))))
     assert helpers.rel_err(out, reference) <= 1e-6, kind
     tables = [np.asarray(r.slot_table) for r in records[moe_stack.STACK]]
     assert any((t[:, 2:] >= 0).any() for t in tables), f"{kind} placed no replica at all"

@@ -127,8 +127,11 @@ def _generate(model, ref, use_cache, **kwargs):
 # --- parity with transformers ---
 
 
-@pytest.mark.parametrize("mesh_shape", [None, (1, 8), (2, 4)])
-@pytest.mark.parametrize("name", FIXTURES)
+# Every fixture without a mesh; on each mesh two fixtures, so both meshes see drops, step 3,
+# untied heads and the plain case between them (each pair is a separate compilation).
+@pytest.mark.parametrize("name,mesh_shape", [(name, None) for name in FIXTURES] + [
+    ("capacity_drops", (1, 8)), ("untied", (1, 8)),
+    ("tied_step2", (2, 4)), ("step3_explicit", (2, 4))])
 def test_forward_matches_hf(name, mesh_shape):
   model, ref = _model(name, mesh_shape)
   _check_forward(_forward(model, ref), ref)
