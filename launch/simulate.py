@@ -8,20 +8,23 @@
    layer it records the true tokens per expert and the pregate / learned predicted loads (see
    moe_jax/sim/record.py). Saved under --traces_dir and reused.
 2. Simulation: for each device count, every policy places replicas from its estimate with
-   moe_jax.placement.place and is costed by moe_jax/sim/cost.py on `--cluster`, with each data
-   row's loads resampled to --tokens_per_device tokens per device (moe_jax/sim/traces.py).
+   moe_jax.placement.place and is costed by moe_jax/sim/cost.py on each of `--clusters`, with
+   each data row's loads resampled to --tokens_per_device tokens per device (sim/traces.py).
 3. Validation (--validate): the straggler benchmark's measured steps re-costed on the cluster it
-   fitted on this machine; prints the error of the modelled vs measured medians.
-Writes simulate_<stamp>.json and .png (and validate_<stamp>.json) under --out_dir.
+   fitted on this machine; prints the error of the modelled vs the measured median and minimum.
+Writes simulate_<stamp>.json, simulate_<stamp>_<cluster>.png (and validate_<stamp>.json) under
+--out_dir. `--shapes=` with --validate only validates.
 """
 
 import _setup
 
 _setup.simulate_cpu_devices(1)
 
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -36,7 +39,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("shapes", ["switch_base_128", "switch_base_256", "gated_64x_top2"],
                   f"expert shapes from {sorted(sim.SHAPES)}")
 flags.DEFINE_list("devices", ["8", "16", "32", "64", "128", "256"], "device counts")
-flags.DEFINE_enum("cluster", "h100_ib", sorted(sim.CLUSTERS), "cluster preset")
+flags.DEFINE_list("clusters", ["h100_ib", "h100_nvlink"], f"cluster presets from "
+                  f"{sorted(sim.CLUSTERS)}")
 flags.DEFINE_integer("tokens_per_device", 4096, "tokens each device is the source of per step")
 flags.DEFINE_integer("replica_slots", 2, "replica slots per device")
 flags.DEFINE_list("policies", list(sim.policies.POLICIES), "policies")
@@ -46,9 +50,14 @@ flags.DEFINE_integer("steps", 12, "trace steps (batches)")
 flags.DEFINE_integer("layers", 6, "MoE layers in the recorded stack")
 flags.DEFINE_integer("record_width", 64, "d_model of the recorded stack (d_ff = 2x)")
 flags.DEFINE_integer("record_batch", 8, "sequences per recorded step")
-flags.DEFINE_integer("record_length", 512, "tokens per recorded sequence")
-flags.DEFINE_float("skew", 1.5, "router skew of the recorded stack (moe_jax/sim/workload.py)")
-flags.DEFINE_float("topic_scale", 0.5, "step-to-step topic drift of the recorded batches")
+flags.DEFINE_integer("record_length", 1024, "tokens per recorded sequence")
+flags.DEFINE_float("skew", 0.25, "router skew of the recorded stack (moe_jax/sim/workload.py)")
+flags.DEFINE_float("topic_scale", 0.1, "step-to-step topic drift of the recorded batches")
+flags.DEFINE_float("mix_scale", 0.1, "scale of the recorded stack's dense sublayers")
+flags.DEFINE_bool("resident_replicas", False, "replicas stay resident between steps: only "
+                  "changed slots move (moe_jax today refetches every replica every step)")
+flags.DEFINE_bool("assemble_weights", True, "replicating layers copy home + replica weights into "
+                  "one stack every layer (moe_jax today); false: read in place")
 flags.DEFINE_integer("learned_steps", 300, "learned predictor training steps")
 flags.DEFINE_string("validate", None, "a straggler benchmark JSON to validate the model against")
 flags.DEFINE_string("out_dir", RESULTS, "output directory")
@@ -59,16 +68,17 @@ def _record(shape_key: str, path: str) -> traces.Trace:
   shape = sim.SHAPES[shape_key]
   cfg = MoEConfig(num_experts=shape.num_experts, top_k=shape.top_k, d_model=FLAGS.record_width,
                   d_ff=2 * FLAGS.record_width, activation="silu" if shape.gated else "relu",
-                  gmm_backend="dense")
+                  gmm_backend="auto")
   params = workload.skewed_stack(jax.random.key(0), cfg, FLAGS.layers, skew=FLAGS.skew,
-                                 permute=True)
+                                 permute=True, mix_scale=FLAGS.mix_scale)
   batch = lambda step: workload.topic_batch(cfg, FLAGS.record_batch, FLAGS.record_length, step,
                                             topic_scale=FLAGS.topic_scale)
   recorded = record.run_stack(params, cfg, [batch(s) for s in range(FLAGS.steps)])
   train = record.run_stack(params, cfg, [batch(1000 + s) for s in range(4)])
   learned = record.train_learned(params, train, steps=FLAGS.learned_steps, log_every=0)
   meta = dict(source="launch/simulate.py", shape=shape_key, width=FLAGS.record_width,
-              skew=FLAGS.skew, topic_scale=FLAGS.topic_scale, layers=FLAGS.layers)
+              skew=FLAGS.skew, topic_scale=FLAGS.topic_scale, mix_scale=FLAGS.mix_scale,
+              layers=FLAGS.layers, tokens_per_step=FLAGS.record_batch * FLAGS.record_length)
   trace = record.to_trace(params, cfg, recorded, learned=learned, meta=meta)
   traces.save(path, trace)
   return trace
@@ -90,22 +100,28 @@ def _imbalance(trace: traces.Trace) -> float:
 
 
 def _simulate_all(cluster) -> dict:
+  """shape -> device count -> policy -> `PolicyResult` on one cluster."""
   results = {}
   for key in FLAGS.shapes:
+    start = time.monotonic()
     trace, shape = _trace(key), sim.SHAPES[key]
-    print(f"{key}: trace {trace.num_steps} steps x {trace.num_layers} layers, expert max/mean "
-          f"{_imbalance(trace):.2f}")
+    loaded = time.monotonic()
     results[key] = {n: sim.simulate(trace, shape, cluster, n, policies=FLAGS.policies,
                                     tokens_per_device=FLAGS.tokens_per_device,
-                                    num_replica_slots=FLAGS.replica_slots)
+                                    num_replica_slots=FLAGS.replica_slots,
+                                    resident_replicas=FLAGS.resident_replicas,
+                                    assemble_weights=FLAGS.assemble_weights)
                     for n in (int(d) for d in FLAGS.devices)}
+    print(f"{key}: trace {trace.num_steps} steps x {trace.num_layers} layers, expert max/mean "
+          f"{_imbalance(trace):.2f} (trace {loaded - start:.0f} s, simulation "
+          f"{time.monotonic() - loaded:.0f} s)", flush=True)
   return results
 
 
 def _print_results(results: dict, cluster) -> None:
   print(f"\ncluster {cluster.name}; {FLAGS.tokens_per_device} tokens/device, r="
-        f"{FLAGS.replica_slots}; mean modelled step time (all MoE layers), speedup over none "
-        "(ideal speedup from the busiest device's tokens)")
+        f"{FLAGS.replica_slots}, replicas {_replica_mode()}; mean modelled step time (all MoE "
+        "layers), speedup over none (ideal speedup from the busiest device's tokens)")
   for key, by_devices in results.items():
     counts = sorted(by_devices)
     print(f"\n{sim.SHAPES[key].name}")
@@ -114,6 +130,11 @@ def _print_results(results: dict, cluster) -> None:
       cells = [by_devices[n][policy] for n in counts]
       print(f"{policy:9s}" + "".join(
           f"{c.mean_step_s * 1e3:9.2f}ms {c.speedup:4.2f}x({c.ideal_speedup:4.2f})" for c in cells))
+
+
+def _replica_mode() -> str:
+  fetch = "resident between steps" if FLAGS.resident_replicas else "refetched every step"
+  return fetch + ("" if FLAGS.assemble_weights else ", weights read in place")
 
 
 def _to_json(results: dict) -> dict:
@@ -142,11 +163,14 @@ def _validate(report_path: str) -> dict:
   tokens_per_device = flags_used["batch"] * flags_used["length"] / 2
   rows = validate.compare(runs, validate.simulate_runs(runs, shape, cluster, tokens_per_device))
   print(f"\nvalidation against {os.path.basename(report_path)} (2 processes x 1 core):")
-  print(f"{'policy':9s} {'measured ms':>12s} {'modelled ms':>12s} {'error':>7s} "
-        f"{'speedup meas.':>14s} {'speedup model':>14s}")
+  print(f"{'policy':9s} {'median ms':>10s} {'min ms':>8s} {'model ms':>9s} {'err/median':>11s} "
+        f"{'err/min':>8s} {'speedup med.':>13s} {'speedup min':>12s} {'speedup model':>14s}")
   for p, r in rows.items():
-    print(f"{p:9s} {r['measured_s'] * 1e3:12.1f} {r['simulated_s'] * 1e3:12.1f} "
-          f"{r['error'] * 100:6.1f}% {r['measured_speedup']:14.3f} {r['simulated_speedup']:14.3f}")
+    print(f"{p:9s} {r['measured_s'] * 1e3:10.1f} {r['measured_min_s'] * 1e3:8.1f} "
+          f"{r['simulated_s'] * 1e3:9.1f} {r['error'] * 100:10.1f}% "
+          f"{r['error_vs_min'] * 100:7.1f}% "
+          f"{r['measured_speedup']:13.3f} {r['measured_min_speedup']:12.3f} "
+          f"{r['simulated_speedup']:14.3f}")
   return dict(report=os.path.basename(report_path), cluster=fitted, policies=rows)
 
 
@@ -160,17 +184,22 @@ def main(argv):
       json.dump(rows, f, indent=1)
   if not FLAGS.shapes:
     return
-  cluster = sim.CLUSTERS[FLAGS.cluster]
-  results = _simulate_all(cluster)
-  _print_results(results, cluster)
   base = os.path.join(FLAGS.out_dir, f"simulate_{stamp}")
+  report = dict(flags={k: FLAGS[k].value for k in (
+      "tokens_per_device", "replica_slots", "steps", "layers", "skew", "topic_scale", "mix_scale",
+      "resident_replicas", "assemble_weights", "shapes", "devices")}, clusters={})
+  for name in FLAGS.clusters:
+    cluster = sim.CLUSTERS[name]
+    results = _simulate_all(cluster)
+    _print_results(results, cluster)
+    report["clusters"][name] = dict(cluster=dataclasses.asdict(cluster),
+                                    results=_to_json(results))
+    plot.step_time_vs_devices(results, f"{base}_{name}.png", title=(
+        f"{cluster.name}: {FLAGS.tokens_per_device} tokens/device, r={FLAGS.replica_slots}, "
+        f"replicas {_replica_mode()}"))
   with open(base + ".json", "w") as f:
-    json.dump(dict(cluster=cluster.__dict__, flags={k: FLAGS[k].value for k in (
-        "tokens_per_device", "replica_slots", "steps", "layers", "skew", "topic_scale")},
-                   results=_to_json(results)), f, indent=1)
-  plot.step_time_vs_devices(results, base + ".png", title=(
-      f"{cluster.name}: {FLAGS.tokens_per_device} tokens/device, r={FLAGS.replica_slots}"))
-  print(f"wrote {base}.json and {base}.png")
+    json.dump(report, f, indent=1)
+  print(f"wrote {base}.json and {base}_<cluster>.png")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,14 @@
 
 * "ragged_dot": `jax.lax.ragged_dot`, the right primitive on GPU/TPU.
 * "windowed": a CPU path. XLA:CPU lowers `ragged_dot` to about one dense matmul per group over all
-  rows (G times the FLOPs), so instead a `while_loop` walks fixed-size row windows that lie inside
-  one group, straight out of the sorted rows, and runs the whole FFN per window. Windows are large
-  (`window` rows) for the bulk of a group and small (`tail_window` rows) for its remainder, so the
-  wasted rows per group are < `tail_window` and each matmul is big enough to keep both cores busy.
+  rows (G times the FLOPs), and each matmul call pays a fixed cost for packing its weights. So:
+    1. when the actual group sizes make it pay (`bulk_pays`), one batched einsum runs the first
+       C ~ m + sqrt(m) rows of every group (m = R / G), reading every group's weights in place;
+    2. a `while_loop` walks row windows that lie inside one group, straight out of the sorted
+       rows, for whatever the batched pass left: whole `window`-row windows while they fit, then
+       one masked window per group for the remainder, sized from a ladder `tail_window`,
+       2 * `tail_window`, ..., `window` (the smallest that holds it). Empty groups cost nothing.
+       A window indexes its group's weights with a traced index, which XLA:CPU copies first.
 * "dense": every group's FFN over every row, masked: the slow, obvious reference.
 
 All backends return zeros for rows past `sum(group_sizes)`.
@@ -15,11 +19,20 @@ All backends return zeros for rows past `sum(group_sizes)`.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
 
 WINDOW_ROWS = 256
-TAIL_WINDOW_ROWS = 64
+TAIL_WINDOW_ROWS = 8
+MIN_TILE_ROWS = 8
+# The fixed cost of one expert-FFN matmul call on float32 weights, in rows of FFN FLOPs: XLA:CPU
+# packs (reads and rewrites) the weights per call, so a call of M rows costs about (27 + M) rows;
+# fitted on d=768, f=3072 (2.0 ms + 0.073 ms/row), and roughly independent of d and f since both
+# the bytes and the per-row FLOPs scale with d * f.
+WEIGHT_COST_ROWS = 27.0
 
 
 def ffn(x: jax.Array, wi: jax.Array, wo: jax.Array, wi_gate: jax.Array | None,
@@ -42,7 +55,7 @@ def default_backend() -> str:
 
 def grouped_ffn(x: jax.Array, group_sizes: jax.Array, weights: dict, *, activation: str,
                 backend: str = "auto", window: int = WINDOW_ROWS,
-                tail_window: int = TAIL_WINDOW_ROWS) -> jax.Array:
+                tail_window: int = TAIL_WINDOW_ROWS, bulk: bool | None = None) -> jax.Array:
   """Runs rows sorted by group through their group's FFN.
 
   Args:
@@ -51,7 +64,10 @@ def grouped_ffn(x: jax.Array, group_sizes: jax.Array, weights: dict, *, activati
     weights: {"wi": <f>[G, d, f], "wo": <f>[G, f, d]} (+ "wi_gate": <f>[G, d, f] for silu).
     activation: "relu" or "silu".
     backend: "auto", "ragged_dot", "windowed" or "dense".
-    window, tail_window: windowed backend row tiles (keyword-only tuning knobs).
+    window, tail_window: windowed backend row tiles (keyword-only tuning knobs): whole windows
+      of `window` rows, and remainders in one masked window of `tail_window * 2**k` rows.
+    bulk: windowed backend: None lets `bulk_pays` decide per call whether the batched pass runs;
+      True / False force it on / off (for tests and benchmarks).
 
   Returns:
     <f>[R, d]; zeros in padding rows.
@@ -62,7 +78,8 @@ def grouped_ffn(x: jax.Array, group_sizes: jax.Array, weights: dict, *, activati
   if backend == "ragged_dot":
     y = _ragged_dot_ffn(x, group_sizes, weights, activation)
   elif backend == "windowed":
-    y = _windowed_ffn(x, group_sizes, weights, activation, window=window, tail_window=tail_window)
+    y = _windowed_ffn(x, group_sizes, weights, activation, window=window, tail_window=tail_window,
+                      bulk=bulk)
   elif backend == "dense":
     y = _dense_ffn(x, group_sizes, weights, activation)
   else:
@@ -105,27 +122,150 @@ def _gate(weights, g):
   return weights["wi_gate"][g] if "wi_gate" in weights else None
 
 
-def _windowed_ffn(x, group_sizes, weights, activation, *, window, tail_window):
+def _windowed_ffn(x, group_sizes, weights, activation, *, window, tail_window, bulk):
   num_rows, _ = x.shape
+  plan = window_plan(num_rows, group_sizes.shape[0], window=window, tail_window=tail_window)
   starts = jnp.cumsum(group_sizes) - group_sizes
-  full = group_sizes // window
+  # 1. The bulk: the first `plan.bulk_rows` rows of every group through one batched FFN, when the
+  #    actual group sizes make that cheaper than windows alone.
+  if bulk is None:
+    use_bulk = bulk_pays(group_sizes, plan, weight_cost_rows=_weight_cost_rows(weights))
+  else:
+    use_bulk = jnp.asarray(bool(bulk))
+  covered = jnp.where(use_bulk, jnp.minimum(group_sizes, plan.bulk_rows), 0)   # [G]
+  out = _bulk_pass(x, starts, group_sizes, covered, use_bulk, weights, activation,
+                   plan.bulk_rows)                                               # [R, d]
   # Pad so a window starting at any valid row never reads or writes past the end.
-  x_padded = jnp.pad(x, ((0, window), (0, 0)))
-  out = jnp.zeros_like(x_padded)
-  # 1. Full windows: every row belongs to the group.
-  out = _window_loop(x_padded, out, weights, activation, starts=starts, windows=full,
-                     window=window, group_end=None)
-  # 2. The remainder of each group in small windows; rows past the group's end are masked.
-  tail_starts = starts + full * window
-  tail_rows = group_sizes - full * window
-  tails = (tail_rows + tail_window - 1) // tail_window
-  out = _window_loop(x_padded, out, weights, activation, starts=tail_starts, windows=tails,
-                     window=tail_window, group_end=starts + group_sizes)
+  x_padded = jnp.pad(x, ((0, plan.window), (0, 0)))
+  out = jnp.pad(out, ((0, plan.window), (0, 0)))
+  # 2. Whole windows of the rest of each group, straight out of the sorted rows.
+  rest = group_sizes - covered
+  full = rest // plan.window
+  out = _window_loop(x_padded, out, weights, activation, starts=starts + covered, windows=full,
+                     window=plan.window, group_end=None)
+  # 3. Each group's remainder in one masked window, the smallest tile of the ladder that holds it.
+  remainder = rest - full * plan.window
+  tail_start = starts + covered + full * plan.window
+  tile_index = _tile_index(remainder, plan.tiles)
+  for k, tile in enumerate(plan.tiles):
+    count = ((remainder > 0) & (tile_index == k)).astype(jnp.int32)
+    out = _window_loop(x_padded, out, weights, activation, starts=tail_start, windows=count,
+                       window=tile, group_end=starts + group_sizes)
   return out[:num_rows]
 
 
+@dataclasses.dataclass(frozen=True)
+class WindowPlan:
+  """Static tiling of the windowed backend for R rows in G groups.
+
+  Attributes:
+    bulk_rows: rows per group the batched pass takes when it runs (C).
+    window: rows of a whole window.
+    tiles: ascending sizes of the masked remainder windows; the last is `window`.
+  """
+
+  bulk_rows: int
+  window: int
+  tiles: tuple[int, ...]
+
+
+def window_plan(num_rows: int, num_groups: int, *, window: int = WINDOW_ROWS,
+                tail_window: int = TAIL_WINDOW_ROWS) -> WindowPlan:
+  """The windowed backend's tiling, from the static shapes alone.
+
+  With m = R / G rows per group on average, the batched pass takes C = m + sqrt(m) rows of every
+  group (most groups fit when the load is balanced), rounded up to a multiple of 8 rows.
+  """
+  if window < 1 or tail_window < 1:
+    raise ValueError(f"window={window} and tail_window={tail_window} must be >= 1 rows; use e.g. "
+                     f"window={WINDOW_ROWS}, tail_window={TAIL_WINDOW_ROWS}.")
+  mean = num_rows / max(num_groups, 1)
+  tiles, tile = [], min(tail_window, window)
+  while tile < window:
+    tiles.append(tile)
+    tile *= 2
+  tiles.append(window)
+  return WindowPlan(bulk_rows=_round_up(mean + math.sqrt(mean), MIN_TILE_ROWS), window=window,
+                    tiles=tuple(tiles))
+
+
+def bulk_pays(group_sizes: jax.Array, plan: WindowPlan, *,
+              weight_cost_rows: float = WEIGHT_COST_ROWS) -> jax.Array:
+  """<bool>[]: whether the batched pass plus windows for the overflow beats windows alone.
+
+  A cost model in units of one row's FFN FLOPs, from the actual group sizes: every matmul call
+  costs its rows plus `weight_cost_rows` for streaming (packing) one group's weights. The batched
+  pass computes C rows of every group, empty or not, reading each group's weights in place once; a
+  window computes all its rows for one group (its traced weight slice is copied first, which on
+  the CPUs measured cost little next to the matmul's own packing). So the batched pass wins for
+  balanced loads with many groups of a few dozen rows; windows win when most groups are empty or
+  far below C (decoding, skewed loads, or a padded receive buffer whose static size overstates
+  the rows that arrive).
+  """
+  num_groups = group_sizes.shape[0]
+  overflow = jnp.maximum(group_sizes - plan.bulk_rows, 0)
+  bulk = num_groups * (weight_cost_rows + plan.bulk_rows) + windows_cost(
+      overflow, plan, weight_cost_rows=weight_cost_rows)
+  return bulk < windows_cost(group_sizes, plan, weight_cost_rows=weight_cost_rows)
+
+
+def windows_cost(rows: jax.Array, plan: WindowPlan, *,
+                 weight_cost_rows: float = WEIGHT_COST_ROWS) -> jax.Array:
+  """<f32>[]: cost (rows of FLOPs) of windowing <int32>[G] `rows` per group: whole windows, then
+  one tile per non-empty remainder."""
+  full = rows // plan.window
+  remainder = rows - full * plan.window
+  tiles = jnp.asarray(plan.tiles, jnp.float32)[_tile_index(remainder, plan.tiles)]
+  cost = full * (weight_cost_rows + plan.window) + jnp.where(
+      remainder > 0, weight_cost_rows + tiles, 0.0)
+  return jnp.sum(cost)
+
+
+def _tile_index(rows, tiles):
+  """<int32>[G]: index of the smallest tile >= rows (rows <= the last tile)."""
+  return jnp.searchsorted(jnp.asarray(tiles, jnp.int32), rows, side="left").astype(jnp.int32)
+
+
+def _weight_cost_rows(weights):
+  """WEIGHT_COST_ROWS scaled by the weights' bytes per element (relative to float32)."""
+  return WEIGHT_COST_ROWS * weights["wi"].dtype.itemsize / 4
+
+
+def _round_up(value, multiple):
+  return int(max(multiple, math.ceil(value / multiple) * multiple))
+
+
+def _bulk_pass(x, starts, group_sizes, covered, use_bulk, weights, activation, rows):
+  """The first `covered[g]` (<= `rows`) rows of every group g through one batched FFN.
+
+  Runs under a `cond` on `use_bulk` (else returns zeros and `covered` is all 0).
+
+  Returns:
+    <f>[R, d]: results in the covered rows, zeros elsewhere.
+  """
+  num_rows, _ = x.shape
+  num_groups = group_sizes.shape[0]
+  index = starts[:, None] + jnp.arange(rows)[None, :]                       # [G, C]
+  x_bulk = jnp.take(x, jnp.clip(index, 0, num_rows - 1), axis=0)             # [G, C, d]
+
+  def batched(x_bulk):
+    return capacity_ffn(x_bulk, weights, activation=activation).astype(x_bulk.dtype)
+
+  y_bulk = jax.lax.cond(use_bulk, batched, jnp.zeros_like, x_bulk)          # [G, C, d]
+  # Each row reads its result from the bulk, if its group's bulk covered it.
+  row = jnp.arange(num_rows)
+  group = jnp.minimum(jnp.searchsorted(starts + group_sizes, row, side="right"), num_groups - 1)
+  position = row - starts[group]
+  inside = (position >= 0) & (position < covered[group])
+  flat = jnp.where(inside, group * rows + position, num_groups * rows)
+  return jnp.take(y_bulk.reshape(num_groups * rows, -1), flat, axis=0, mode="fill", fill_value=0)
+
+
 def _window_loop(x, out, weights, activation, *, starts, windows, window, group_end):
-  """Runs `windows[g]` consecutive windows of `window` rows from `starts[g]` for every group g."""
+  """Runs `windows[g]` consecutive windows of `window` rows from `starts[g]` for every group g.
+
+  With `group_end`, rows of a window past its group's end keep their previous `out` values.
+  """
   ends = jnp.cumsum(windows)
   total = ends[-1]
   firsts = ends - windows

@@ -42,6 +42,70 @@ def test_grouped_ffn_matches_per_row(backend, activation, sizes):
   assert np.all(np.asarray(got)[sum(sizes):] == 0)
 
 
+WINDOWED_CASES = [
+    # (rows, sizes, window, tail_window)
+    (160, [5, 0, 70, 1, 0, 9], 32, 8),             # fewer valid rows than R / 2
+    (160, [40, 0, 70, 1, 33, 9], 32, 8),           # most rows valid: several windows per group
+    (8, [0, 1, 0, 3, 0, 0, 2, 0, 1, 0, 0, 0, 0, 0, 0, 1], 256, 64),   # decoding: R < G
+    (300, [0, 290, 7], 64, 16),                    # 4 whole windows, then a masked 64-tile
+    (200, [3, 17, 33, 70, 77], 32, 8),             # remainders in tiles 8, 32, 32 (whole+8)...
+    (96, [12, 12, 12, 12, 12, 12, 12, 12], 256, 64),  # balanced: the batched pass covers all
+    (64, [64], 32, 8),                             # one group
+]
+
+
+@pytest.mark.parametrize("bulk", [None, True, False])
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+@pytest.mark.parametrize("case", WINDOWED_CASES)
+def test_windowed_batched_pass_and_windows_match_per_row(case, activation, bulk):
+  """The windowed backend with its batched pass forced on, off, or chosen by the cost model."""
+  rows, sizes, window, tail_window = case
+  x = jax.random.normal(jax.random.key(5), (rows, 8))
+  w = _weights(len(sizes), 8, 16, activation == "silu", seed=1)
+  got = experts.grouped_ffn(x, jnp.asarray(sizes), w, activation=activation, backend="windowed",
+                            window=window, tail_window=tail_window, bulk=bulk)
+  np.testing.assert_allclose(got, _per_row(x, sizes, w, activation), rtol=1e-5, atol=1e-5)
+  assert np.all(np.asarray(got)[sum(sizes):] == 0)
+
+
+def test_windowed_bfloat16_close_to_float32():
+  sizes = [20, 3, 0, 41]
+  x = jax.random.normal(jax.random.key(6), (64, 8))
+  w = _weights(4, 8, 16, False, seed=2)
+  want = _per_row(x, sizes, w, "relu")
+  w16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), w)
+  for bulk in (True, False):
+    got = experts.grouped_ffn(x.astype(jnp.bfloat16), jnp.asarray(sizes), w16, activation="relu",
+                              backend="windowed", bulk=bulk)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=5e-2, atol=5e-2)
+
+
+def test_window_plan_shapes():
+  plan = experts.window_plan(1024, 8)
+  assert plan.bulk_rows >= 1024 // 8 and plan.bulk_rows % experts.MIN_TILE_ROWS == 0
+  assert plan.tiles == (8, 16, 32, 64, 128, 256) and plan.window == 256
+  assert experts.window_plan(100, 4, window=48, tail_window=16).tiles == (16, 32, 48)
+  with pytest.raises(ValueError, match="window"):
+    experts.window_plan(8, 2, window=0)
+
+
+def test_windows_cost_counts_whole_windows_and_one_tile_per_remainder():
+  plan = experts.window_plan(1024, 4)                       # window 256, tiles 8 ... 256
+  rows = jnp.asarray([0, 5, 256, 300], jnp.int32)           # -, tile 8, 1 window, 1 window + 64
+  want = (27 + 8) + (27 + 256) + (27 + 256) + (27 + 64)
+  assert float(experts.windows_cost(rows, plan, weight_cost_rows=27)) == want
+
+
+def test_bulk_pays_for_balanced_many_groups_not_for_few_rows():
+  balanced = jnp.asarray([26, 38] * 16, jnp.int32)          # 1024 rows, 32 groups near 32 rows
+  assert bool(experts.bulk_pays(balanced, experts.window_plan(1024, 32)))
+  decoding = jnp.zeros((128,), jnp.int32).at[jnp.arange(8) * 16].set(1)   # 8 rows, 128 groups
+  assert not bool(experts.bulk_pays(decoding, experts.window_plan(8, 128)))
+  padded = balanced // 8                                    # a buffer 8x larger than the rows
+  assert not bool(experts.bulk_pays(padded, experts.window_plan(8 * 1024, 32)))
+
+
 def test_capacity_ffn_matches_loop():
   x = jax.random.normal(jax.random.key(4), (3, 5, 8))
   w = _weights(3, 8, 16, False)

@@ -1,0 +1,300 @@
+"""Real straggler benchmark: 2 processes x 1 pinned CPU core, the expert axis across them.
+
+  python benchmarks/straggler.py [--num_layers=4 --batch=8 --length=512 --rounds=5]
+
+Starts itself twice through launch/local_cluster.py (1 CPU device per process, each process pinned
+to its own core), builds a mesh data=1 x expert=2 spanning the processes and a stack of skewed MoE
+layers, and times one forward step per predictor (none / history / pregate / learned / oracle) on
+the same batches, interleaved over several rounds; medians are reported next to the ideal speedup
+implied by the measured per-device loads (max device load under none / under the policy). The
+learned predictor is trained first on traces of other batches of the same stack; oracle uses the
+true loads of the same batch from an untimed pass. Process 0 prints the table and writes JSON (and
+the routing trace + fitted cluster for `launch/simulate.py --validate`) under benchmarks/results/.
+
+This is a benchmark, not a test: the machine is shared, so timings are noisy; read the medians and
+the spread, and rerun when in doubt.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "launch"))
+import _setup  # noqa: E402,F401  (launch-script convention: before anything imports jax)
+
+import datetime  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import moe_jax  # noqa: E402
+from moe_jax import distributed, replication  # noqa: E402
+from moe_jax.models import moe_stack  # noqa: E402
+from moe_jax.sim import fit, record, traces, workload  # noqa: E402
+
+FLAGS = flags.FLAGS
+distributed.define_flags()
+flags.DEFINE_integer("d_model", 512, "model width")
+flags.DEFINE_integer("d_ff", 2048, "expert hidden width")
+flags.DEFINE_integer("num_experts", 8, "experts per layer")
+flags.DEFINE_integer("num_layers", 4, "MoE layers in the stack")
+flags.DEFINE_integer("replica_slots", 2, "replica slots per device")
+flags.DEFINE_integer("batch", 8, "sequences per step (split over the 2 processes)")
+flags.DEFINE_integer("length", 512, "tokens per sequence")
+flags.DEFINE_float("skew", 0.5, "router skew towards low expert ids (see moe_jax.sim.workload)")
+flags.DEFINE_float("topic_scale", 0.5, "step-to-step drift of the batches' topic")
+flags.DEFINE_integer("steps", 4, "distinct batches per round")
+flags.DEFINE_integer("rounds", 5, "timed rounds (after one untimed warm-up round)")
+flags.DEFINE_integer("train_batches", 4, "batches of traces for the learned predictor")
+flags.DEFINE_integer("train_steps", 300, "learned predictor training steps")
+flags.DEFINE_list("policies", ["none", "history", "pregate", "learned", "oracle"], "policies")
+flags.DEFINE_bool("pin", True, "pin each process to its own core")
+flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                    "where process 0 writes the JSON and the trace")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _launch() -> int:
+  """Re-runs this script (same flags) as 2 processes x 1 CPU device via launch/local_cluster.py."""
+  command = [sys.executable, os.path.join(ROOT, "launch", "local_cluster.py"), "--num_processes=2",
+             "--devices_per_process=1", "--platform=cpu", "--", sys.executable,
+             os.path.abspath(__file__)] + sys.argv[1:]
+  return subprocess.call(command)
+
+
+def _pin(process_id: int) -> list:
+  """Pins this process to core `process_id` (mod the cores it may use); must precede jax's CPU
+  client, which sizes its thread pool from the affinity mask."""
+  cores = sorted(os.sched_getaffinity(0))
+  core = cores[process_id % len(cores)]
+  os.sched_setaffinity(0, {core})
+  return [core]
+
+
+def _build(cfg, mesh, host_params):
+  """Global params (experts sharded over 'expert'), the timed batches and the training batches."""
+  experts = {k for k in moe_jax.moe_layer.EXPERT_WEIGHT_NAMES}
+  put = lambda path, leaf: distributed.from_host(
+      leaf, mesh, P("expert") if path[-1].key in experts else P())
+  params = jax.tree_util.tree_map_with_path(put, host_params)
+  rows = distributed.local_batch_rows(FLAGS.batch, mesh, ("data", "expert"))
+
+  def batch(step):
+    x = workload.topic_batch(cfg, FLAGS.batch, FLAGS.length, step, topic_scale=FLAGS.topic_scale)
+    return distributed.from_process_local(x[rows], mesh, P(("data", "expert")), x.shape)
+
+  timed = [batch(s) for s in range(FLAGS.steps)]
+  train = [batch(1000 + s) for s in range(FLAGS.train_batches)]
+  return params, timed, train
+
+
+def _programs(cfg, mesh):
+  """Three jitted programs: record (plain pass + layer inputs/probs), none, dynamic."""
+  @jax.jit
+  def record_pass(params, h):
+    inputs, probs = record.layer_traces(params, cfg, h, mesh=mesh)
+    return inputs, probs, record.true_loads(probs, cfg.top_k)
+
+  def timed(rcfg):
+    @jax.jit
+    def run(params, h, state, learned, oracle, policy):
+      kwargs = {} if rcfg.predictor == "none" else dict(
+          learned={moe_stack.STACK: learned}, oracle_loads={moe_stack.STACK: oracle},
+          policy=policy)
+      runner = replication.StackRunner(rcfg, cfg, mesh, moe_stack.moe_layers(params), state,
+                                       **kwargs)
+      out, _ = moe_stack.forward(params, h, runner.moe_fn)
+      records = runner.records()[moe_stack.STACK]
+      summary = {"tokens_per_device": jnp.stack([r.stats.tokens_per_device for r in records]),
+                 "tokens_per_expert": jnp.stack([r.stats.tokens_per_expert for r in records]),
+                 "predicted_load": jnp.stack([r.predicted_load for r in records]),
+                 "slot_table": jnp.stack([r.slot_table for r in records])}
+      return out, summary, runner.next_state()
+    return run
+
+  return record_pass, timed(replication.ReplicationConfig(predictor="none")), timed(
+      replication.ReplicationConfig(predictor="dynamic"))
+
+
+def _learned(record_pass, params, train, host_params):
+  """Learned predictors trained (on process 0, then broadcast) on traces of `train` batches."""
+  recorded = []
+  for h in train:
+    inputs, probs, _ = distributed.gather(record_pass(params, h))
+    recorded.append({"inputs": inputs, "probs": probs})
+  d, e = FLAGS.d_model, FLAGS.num_experts
+  learned = [{"b": np.zeros((e,), np.float32), "w": np.zeros((d, e), np.float32)}
+             for _ in range(FLAGS.num_layers - 1)]   # the shapes every process contributes
+  if jax.process_index() == 0:
+    learned = jax.tree.map(np.asarray, record.train_learned(
+        host_params, recorded, steps=FLAGS.train_steps, log_every=0))
+  return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(learned))
+
+
+def _run_once(programs, policy, params, h, state, learned, oracle):
+  """Times one step; returns (seconds, summary on device, next state)."""
+  _, none_run, dynamic_run = programs
+  run = none_run if policy == "none" else dynamic_run
+  index = jnp.int32(0 if policy == "none" else replication.policy_index(policy))
+  distributed.barrier(f"step-{policy}")
+  start = time.perf_counter()
+  out, summary, state = run(params, h, state, learned, oracle, index)
+  jax.block_until_ready(out)
+  return time.perf_counter() - start, summary, state
+
+
+def _time_policies(programs, params, timed, oracle, learned, cfg, mesh):
+  """Warm-up round + FLAGS.rounds timed rounds; within a step, policies in rotating order.
+
+  Returns (runs: policy -> list of per-step records, fits: one `_fit_cluster` per timed round,
+  so the machine is measured under the same background load as the steps).
+  """
+  init = lambda: replication.init_state({moe_stack.STACK: FLAGS.num_layers}, cfg.num_experts)
+  states = {p: init() for p in FLAGS.policies}
+  runs = {p: [] for p in FLAGS.policies}
+  fits = []
+  for round_index in range(FLAGS.rounds + 1):
+    for step, h in enumerate(timed):
+      shift = (round_index * len(timed) + step) % len(FLAGS.policies)
+      for policy in FLAGS.policies[shift:] + FLAGS.policies[:shift]:
+        seconds, summary, states[policy] = _run_once(programs, policy, params, h, states[policy],
+                                                     learned, oracle[step])
+        if round_index > 0:
+          runs[policy].append(dict(round=round_index, step=step, seconds=seconds,
+                                   **distributed.gather(summary)))
+    if round_index > 0:
+      fits.append(_fit_cluster(mesh, cfg))
+    logging.info("round %d done", round_index)
+  return runs, fits
+
+
+def _fit_cluster(mesh, cfg):
+  """This machine as a `moe_jax.sim.Cluster` (fields as a dict), measured on every process."""
+  tokens = FLAGS.batch * FLAGS.length // mesh.size
+  flops = fit.expert_flops_per_s(tokens, cfg.d_model, cfg.d_ff, repeats=3)
+  memory = fit.memory_bytes_per_s(repeats=3)
+  bandwidth, latency = fit.all_to_all_fit(mesh, repeats=3)
+  return dict(flops_per_s=flops, hbm_bytes_per_s=memory, a2a_bytes_per_s=bandwidth,
+              latency_s=latency, padded_all_to_all=True, overlap_prefetch=False)
+
+
+def _median_fit(fits):
+  return {k: (float(np.median([f[k] for f in fits])) if isinstance(fits[0][k], float)
+              else fits[0][k]) for k in fits[0]}
+
+
+def _summarise(runs):
+  """Per policy: step times and speedups over none next to the ideal speedup from the loads.
+
+  On a shared machine, background load drifts over minutes; three speedup estimates are kept:
+  `speedup` = median over (round, batch) of t_none / t_policy of the runs interleaved in the same
+  step (paired: both saw about the same background load), `median_speedup` = ratio of the medians,
+  `min_speedup` = ratio of the fastest (least-disturbed) runs.
+  """
+  peak = {p: sum(float(np.max(r["tokens_per_device"], axis=(1, 2)).sum()) for r in rs)
+          for p, rs in runs.items()}
+  times = {p: np.array([r["seconds"] for r in rs]) for p, rs in runs.items()}
+  rows = {}
+  for p, rs in runs.items():
+    ideal = peak["none"] / peak[p]
+    per_layer = np.stack([r["tokens_per_device"] for r in rs])              # [N, L, Dd, De]
+    rows[p] = dict(
+        median_s=float(np.median(times[p])), min_s=float(times[p].min()),
+        p25_s=float(np.percentile(times[p], 25)), p75_s=float(np.percentile(times[p], 75)),
+        runs=len(rs), ideal_speedup=ideal,
+        speedup=float(np.median(times["none"] / times[p])),
+        median_speedup=float(np.median(times["none"]) / np.median(times[p])),
+        min_speedup=float(times["none"].min() / times[p].min()),
+        balancedness=float(np.mean(per_layer.mean(axis=(2, 3)) / per_layer.max(axis=(2, 3)))))
+    rows[p]["fraction_of_ideal"] = rows[p]["speedup"] / ideal
+  return rows
+
+
+def _print_table(rows, cluster):
+  print(f"\nstraggler: 2 processes x 1 pinned core, mesh data=1 x expert=2; d={FLAGS.d_model} "
+        f"f={FLAGS.d_ff} E={FLAGS.num_experts} top-1, {FLAGS.num_layers} MoE layers, "
+        f"{FLAGS.batch * FLAGS.length} tokens/step, r={FLAGS.replica_slots}; "
+        f"{FLAGS.rounds} rounds x {FLAGS.steps} batches per policy, interleaved. Shared machine: "
+        "speedup = median of paired ratios (same step), also ratio of medians and of minima")
+  print(f"{'policy':9s} {'median ms':>10s} {'p25-p75 ms':>15s} {'min ms':>8s} {'balanced':>9s} "
+        f"{'ideal':>6s} {'speedup':>8s} {'of ideal':>9s} {'med/med':>8s} {'min/min':>8s}")
+  for p, r in rows.items():
+    print(f"{p:9s} {r['median_s'] * 1e3:10.1f} {r['p25_s'] * 1e3:7.1f}-{r['p75_s'] * 1e3:<7.1f} "
+          f"{r['min_s'] * 1e3:8.1f} {r['balancedness']:9.3f} {r['ideal_speedup']:6.3f} "
+          f"{r['speedup']:8.3f} {r['fraction_of_ideal'] * 100:8.1f}% {r['median_speedup']:8.3f} "
+          f"{r['min_speedup']:8.3f}")
+  print(f"fitted (median over rounds): {cluster['flops_per_s'] / 1e9:.1f} GFLOP/s per core, memory "
+        f"{cluster['hbm_bytes_per_s'] / 1e9:.1f} GB/s, all-to-all "
+        f"{cluster['a2a_bytes_per_s'] / 1e9:.2f} GB/s + {cluster['latency_s'] * 1e3:.2f} ms")
+
+
+def _write(rows, runs, cluster, cores, oracle_true, fits):
+  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  base = os.path.join(FLAGS.out_dir, f"straggler_{stamp}")
+  arrays = {}
+  for p, rs in runs.items():
+    arrays[f"{p}/seconds"] = np.array([r["seconds"] for r in rs])
+    arrays[f"{p}/step"] = np.array([r["step"] for r in rs])
+    for key in ("predicted_load", "tokens_per_expert", "tokens_per_device", "slot_table"):
+      arrays[f"{p}/{key}"] = np.stack([r[key] for r in rs])
+  np.savez_compressed(base + "_runs.npz", **arrays)
+  predicted = {}
+  for kind in ("pregate", "learned"):
+    if kind in runs:
+      first = {r["step"]: r["predicted_load"] for r in runs[kind] if r["round"] == 1}
+      predicted[kind] = np.stack([first[s] for s in sorted(first)])
+  traces.save(base + "_trace.npz", traces.Trace(
+      true_load=np.stack(oracle_true), predicted=predicted,
+      tokens_per_step=FLAGS.batch * FLAGS.length, top_k=1,
+      meta={"source": "benchmarks/straggler.py", "flags": _flag_dict()}))
+  report = dict(flags=_flag_dict(), cores=cores, cluster=cluster, cluster_fits=fits, policies=rows,
+                runs_file=os.path.basename(base + "_runs.npz"),
+                trace_file=os.path.basename(base + "_trace.npz"),
+                devices=[str(d) for d in jax.devices()])
+  with open(base + ".json", "w") as f:
+    json.dump(report, f, indent=1)
+  print(f"wrote {base}.json (+ _runs.npz, _trace.npz)")
+
+
+def _flag_dict():
+  names = ("d_model", "d_ff", "num_experts", "num_layers", "replica_slots", "batch", "length",
+           "skew", "topic_scale", "steps", "rounds", "train_batches", "train_steps", "policies")
+  return {n: getattr(FLAGS, n) for n in names}
+
+
+def main(argv):
+  del argv
+  if "none" not in FLAGS.policies:
+    raise app.UsageError("--policies must include none: every speedup is relative to it.")
+  if FLAGS.process_id is None and FLAGS.coordinator is None:
+    sys.exit(_launch())
+  cores = _pin(FLAGS.process_id) if FLAGS.pin else sorted(os.sched_getaffinity(0))
+  info = distributed.initialize_from_flags()
+  cfg = moe_jax.MoEConfig(num_experts=FLAGS.num_experts, top_k=1, d_model=FLAGS.d_model,
+                          d_ff=FLAGS.d_ff, num_replica_slots=FLAGS.replica_slots)
+  mesh = distributed.make_global_mesh(1, 2)
+  host_params = jax.tree.map(np.asarray, workload.skewed_stack(
+      jax.random.key(0), cfg, FLAGS.num_layers, skew=FLAGS.skew))
+  params, timed, train = _build(cfg, mesh, host_params)
+  programs = _programs(cfg, mesh)
+  oracle_true = [np.asarray(distributed.gather(programs[0](params, h)[2])) for h in timed]
+  oracle = [distributed.from_host(t, mesh) for t in oracle_true]
+  learned = distributed.from_host(_learned(programs[0], params, train, host_params), mesh)
+  runs, fits = _time_policies(programs, params, timed, oracle, learned, cfg, mesh)
+  if info.is_leader:
+    rows = _summarise(runs)
+    cluster = _median_fit(fits)
+    _print_table(rows, cluster)
+    _write(rows, runs, cluster, cores, oracle_true, fits)
+
+
+if __name__ == "__main__":
+  app.run(main)

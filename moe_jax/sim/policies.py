@@ -1,0 +1,88 @@
+"""Each policy's per-layer load estimate over a trace, and the slot tables placement makes of it.
+
+Mirrors `moe_jax.replication.StackRunner`: `none` places no replicas; `history` uses the EMA of the
+previous steps' true loads of the same layer (nothing at step 0); `pregate` / `learned` use the
+recorded one-layer-ahead predictions, and the history for layer 0 (which has no predecessor);
+`oracle` uses the step's own true loads. Placement is `moe_jax.placement.place`, vmapped.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe_jax import placement
+
+POLICIES = ("none", "history", "pregate", "learned", "oracle")
+_TABLES: dict = {}
+
+
+def history_estimates(true_load: np.ndarray, decay: float) -> np.ndarray:
+  """<f64>[S, L, E]: entry s is the EMA of steps 0 .. s - 1 (zeros at s = 0).
+
+  Same rule as `predictor.history_update`: the first observation is taken as is.
+  """
+  true_load = np.asarray(true_load, np.float64)
+  out = np.zeros_like(true_load)
+  ema = np.zeros_like(true_load[0])
+  for s in range(1, true_load.shape[0]):
+    previous = true_load[s - 1]
+    fresh = (ema == 0).all(axis=-1, keepdims=True)
+    ema = np.where(fresh, previous, decay * ema + (1.0 - decay) * previous)
+    out[s] = ema
+  return out
+
+
+def estimates(policy: str, true_load: np.ndarray, predicted: dict, *,
+              decay: float = 0.8) -> np.ndarray | None:
+  """<f64>[S, L, E] the load estimate each layer's placement uses, or None for `none`.
+
+  Args:
+    policy: one of POLICIES.
+    true_load: <f>[S, L, E] global true loads (summed over data rows).
+    predicted: kind -> <f>[S, L, E] recorded predictions (needed for pregate / learned).
+    decay: history EMA decay.
+  """
+  if policy not in POLICIES:
+    raise ValueError(f"policy {policy!r} is not one of {POLICIES}.")
+  if policy == "none":
+    return None
+  if policy == "oracle":
+    return np.asarray(true_load, np.float64)
+  history = history_estimates(true_load, decay)
+  if policy == "history":
+    return history
+  if policy not in predicted:
+    raise ValueError(f"the trace has no recorded {policy!r} predictions (it has "
+                     f"{sorted(predicted)}); record them with moe_jax.sim.record.")
+  out = np.asarray(predicted[policy], np.float64).copy()
+  out[:, 0] = history[:, 0]            # layer 0 has no predecessor: history, as StackRunner
+  return out
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _place_many(loads, num_devices, num_replica_slots):
+  return jax.vmap(lambda load: placement.place(load, num_devices, num_replica_slots))(loads)
+
+
+def slot_tables(load_estimates: np.ndarray | None, num_experts: int, num_devices: int,
+                num_replica_slots: int, steps_layers: tuple[int, int]) -> np.ndarray:
+  """<int32>[S, L, De, h + r] placement of every (step, layer) estimate (home tables for None)."""
+  if num_experts % num_devices:
+    raise ValueError(f"num_experts={num_experts} is not divisible by the expert axis "
+                     f"({num_devices}); simulate an expert axis that divides it.")
+  steps, layers = steps_layers
+  if load_estimates is None or num_replica_slots == 0:
+    home = np.asarray(placement.home_slot_table(num_experts, num_devices, num_replica_slots))
+    return np.broadcast_to(home, (steps, layers) + home.shape)
+  flat = np.ascontiguousarray(np.asarray(load_estimates, np.float32).reshape(-1, num_experts))
+  key = (num_devices, num_replica_slots, hashlib.sha1(flat.tobytes()).hexdigest())
+  if key not in _TABLES:   # placement dominates simulation time; clusters share it
+    if len(_TABLES) > 256:
+      _TABLES.clear()
+    _TABLES[key] = np.asarray(_place_many(jnp.asarray(flat), num_devices, num_replica_slots))
+  return _TABLES[key].reshape(steps, layers, num_devices, -1)
