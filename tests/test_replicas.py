@@ -131,8 +131,11 @@ def test_prefetch_is_independent_of_the_layer_input():
   fn = jax.jit(lambda p, x, t: moe_jax.moe_apply(p, x, cfg, mesh=mesh, slot_table=t)[0])
   jaxpr = jax.make_jaxpr(fn)(params, x, table)
   body = _find_shard_map_body(jaxpr.jaxpr)
+  # This device's tokens: [B * L / 8 devices, d] = [8, 16]. (Hoisted constants may precede the
+  # explicit operands among the body's invars, so find it by shape.)
+  tokens, = [v for v in body.invars if tuple(v.aval.shape) == (8, 16)]
   found = []                                                # (eqn, depends on the tokens?)
-  _collect_collectives(body, {body.invars[0]}, found)        # invars[0]: this device's tokens
+  _collect_collectives(body, {tokens}, found)
   from_x = [e for e, tainted in found if tainted]
   independent = [e for e, tainted in found if not tainted]
   assert len(from_x) == 2, "dispatch + combine"
