@@ -94,10 +94,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     return ProcessInfo()
   _check_args(coordinator_address, num_processes, process_id)
   _enable_cpu_collectives()
-  jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                             local_device_ids=local_device_ids,
-                             initialization_timeout=int(initialization_timeout_s),
-                             heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+  try:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               local_device_ids=local_device_ids,
+                               initialization_timeout=int(initialization_timeout_s),
+                               heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+  except ValueError as e:  # a value jax could neither be given nor auto-detect
+    raise ValueError(f"{e} Give every process the same --coordinator=host:port and "
+                     "--num_processes, and its own --process_id (or run under Slurm / Open MPI / "
+                     "a TPU pod, where jax detects them).") from e
   info = process_info()
   if watchdog_timeout_s is None:
     watchdog_timeout_s = heartbeat_timeout_s / 2

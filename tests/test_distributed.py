@@ -185,6 +185,25 @@ def _cluster(worker_args, *, timeout_s, **kwargs):
   return code, output, time.monotonic() - start
 
 
+def test_single_process_helpers():
+  # Without a cluster every helper degrades to plain single-process jax.
+  assert distributed.initialize() == distributed.ProcessInfo()
+  with pytest.raises(ValueError, match="needs a port"):
+    distributed.initialize("localhost", 2, 0)
+  with pytest.raises(ValueError, match="outside"):
+    distributed.initialize("localhost:1", 2, 2)
+  mesh = distributed.make_global_mesh(2, 4)
+  assert [d.id for d in mesh.devices.ravel()] == sorted(d.id for d in jax.devices())
+  with pytest.raises(ValueError, match="must use all 8 devices"):
+    distributed.make_global_mesh(1, 4)
+  assert distributed.local_batch_rows(6, mesh) == slice(0, 6)
+  x = np.arange(24, dtype=np.float32).reshape(6, 4)
+  sharded = distributed.from_process_local(x, mesh, P("data"))
+  assert sharded.sharding.spec == P("data")
+  np.testing.assert_array_equal(distributed.gather({"x": sharded, "n": 3})["x"], x)
+  np.testing.assert_array_equal(distributed.gather(distributed.from_host(x, mesh)), x)
+
+
 def test_two_processes_match_one_process():
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "results.npz")
