@@ -180,8 +180,8 @@ class StackRunner:
     history = lambda: (self.state.history[stack][0], _no_top1(x))
     oracle = lambda: (self.oracle_loads[stack][0], _no_top1(x))
     if kind == "dynamic":
-      is_oracle = self.policy == DYNAMIC_KINDS.index("oracle")
-      load, top1 = jax.lax.cond(is_oracle, oracle, history)
+      is_oracle = (self.policy == DYNAMIC_KINDS.index("oracle")).astype(jnp.int32)
+      load, top1 = _select(is_oracle, [history(), oracle()])
     else:
       load, top1 = oracle() if kind == "oracle" else history()
     return self._placement(stack, 0, load, top1)
@@ -193,7 +193,7 @@ class StackRunner:
                         weights=None)
     estimators = self._estimators(stack, index, x)
     if self.config.predictor == "dynamic":
-      load, top1 = jax.lax.switch(self.policy, [estimators[k] for k in DYNAMIC_KINDS])
+      load, top1 = _select(self.policy, [estimators[k]() for k in DYNAMIC_KINDS])
     else:
       load, top1 = estimators[self.config.predictor]()
     return self._placement(stack, index, load, top1)
@@ -220,6 +220,17 @@ class StackRunner:
     table = moe_layer.place(load, self.moe_cfg, mesh=self.mesh)
     weights = moe_layer.prefetch(self.layers[stack][index], table, self.moe_cfg, mesh=self.mesh)
     return _Placement(load=load, top1=top1, table=table, weights=weights)
+
+
+def _select(index, candidates):
+  """candidates[index] for a traced index: every candidate is computed, one is kept.
+
+  Deliberately not `lax.switch`: the estimators run on sharded tokens, so their branches would
+  hold SPMD collectives, and XLA:CPU (jax 0.10.2) deadlocks such a conditional when the
+  executable is loaded from the persistent compilation cache. The extra estimators are router-
+  sized matmuls ([T, d] x [d, E]), small beside the experts.
+  """
+  return jax.tree.map(lambda *xs: jnp.stack(xs)[index], *candidates)
 
 
 def _no_top1(x):

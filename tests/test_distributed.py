@@ -109,7 +109,10 @@ def _worker(argv):
   from absl import flags
   info = distributed.initialize_from_flags()
   if os.environ.get("MOE_JAX_TEST_CACHE"):
-    jax.config.update("jax_compilation_cache_dir", os.environ["MOE_JAX_TEST_CACHE"])
+    # Its own cache per process count: the cache key is not documented to cover the process
+    # topology, so 2 x 4 and 1 x 8 executables of the same program are kept apart.
+    cache = f"{os.environ['MOE_JAX_TEST_CACHE']}-{info.num_processes}proc"
+    jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   if flags.FLAGS.worker == "compute":
     _compute(info, flags.FLAGS.out)
