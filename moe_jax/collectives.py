@@ -21,6 +21,20 @@ EXPERT_AXIS = "expert"
 DATA_AXIS = "data"
 
 
+def in_order(first, then, *, enabled: bool):
+  """(first, then), with every later use of `then` waiting for `first` when `enabled`.
+
+  For XLA:CPU, where collectives are synchronous and block a pool thread while they wait for
+  their peers: with several independent collectives of one device in flight, the threads can run
+  out before every device arrives and the rendezvous aborts (seen with jax 0.10.2 on 2 cores: one
+  device waiting in a prefetch-side all-gather and a dispatch all-to-all at once). Ordering costs
+  nothing there; on GPU/TPU (`enabled=False`) the independence is what lets XLA overlap them.
+  """
+  if not enabled:
+    return first, then
+  return jax.lax.optimization_barrier((first, then))
+
+
 def ragged_exchange(operand: jax.Array, output: jax.Array, params: permute.RaggedParams, *,
                     mode: str, axis_name: str = EXPERT_AXIS) -> jax.Array:
   """`lax.ragged_all_to_all` ("ragged") or its all_gather emulation ("emulated_ragged")."""

@@ -21,14 +21,18 @@ from moe_jax.config import MoEConfig
 
 
 def layer_body(x, expert_ids, combine_weights, dispatch_mask, home, replicas, slot_table, *,
-               cfg: MoEConfig, mode: str, prefetch_inside: bool):
+               cfg: MoEConfig, mode: str, prefetch_inside: bool, ordered: bool = False):
   """x <f>[T, d]; expert_ids, combine_weights, dispatch_mask [T, k]; home/replicas {name: [.., ]}.
+
+  `ordered` (XLA:CPU) runs this device's collectives one after another: prefetch, then each
+  chunk's exchange, then the drop count (see `collectives.in_order`).
 
   Returns:
     (y <f>[T, d], computed choices per local slot <int32>[1, 1, S], dropped choices <int32>[]).
   """
   if prefetch_inside:
     replicas = collectives.prefetch_replicas(home, slot_table, mode=mode)
+    replicas, x = collectives.in_order(replicas, x, enabled=ordered)
   weights = {k: jnp.concatenate([home[k], replicas[k]], axis=0) if replicas else home[k]
              for k in home}                                                 # [S, ...]
   num_devices, slots_per_device = slot_table.shape
@@ -40,13 +44,17 @@ def layer_body(x, expert_ids, combine_weights, dispatch_mask, home, replicas, sl
                                     capacity=capacity)
   shape = dict(num_devices=num_devices, slots_per_device=slots_per_device)
   if capacity is None:
-    y_choice, group_sizes = _dropless(x, assignment, weights, cfg=cfg, mode=mode, **shape)
+    y_choice, group_sizes = _dropless(x, assignment, weights, cfg=cfg, mode=mode,
+                                      ordered=ordered, **shape)
   else:
-    y_choice, group_sizes = _capacity(x, assignment, weights, cfg=cfg, capacity=capacity, **shape)
+    y_choice, group_sizes = _capacity(x, assignment, weights, cfg=cfg, capacity=capacity,
+                                      ordered=ordered, **shape)
   y_choice = jnp.where((assignment.slot >= 0)[:, None], y_choice, 0)
   y_choice = y_choice.reshape(cfg.top_k, num_tokens, -1).astype(jnp.float32)  # [k, T, d]
   y = jnp.einsum("ktd,tk->td", y_choice, combine_weights.astype(jnp.float32))
-  dropped = jax.lax.psum(jnp.sum(assignment.dropped.astype(jnp.int32)), ("data", "expert"))
+  _, local_dropped = collectives.in_order(y_choice, jnp.sum(assignment.dropped.astype(jnp.int32)),
+                                          enabled=ordered)
+  dropped = jax.lax.psum(local_dropped, ("data", "expert"))
   return y.astype(x.dtype), group_sizes[None, None, :], dropped
 
 
@@ -56,13 +64,16 @@ def chunk_bounds(size: int, num_chunks: int) -> list[tuple[int, int]]:
   return [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
 
 
-def _dropless(x, assignment, weights, *, cfg, mode, num_devices, slots_per_device):
+def _dropless(x, assignment, weights, *, cfg, mode, ordered, num_devices, slots_per_device):
   """All N = T * k choices in k-major order -> (y_choice <f>[N, d], rows per local slot [S])."""
   outputs, group_sizes = [], 0
   for lo, hi in chunk_bounds(assignment.slot.shape[0], cfg.num_chunks):
     piece = jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi], assignment)
     tokens = (lo + jnp.arange(hi - lo)) % x.shape[0]                      # choice -> token
-    y, sizes = _dropless_chunk(x[tokens], piece, weights, cfg=cfg, mode=mode,
+    rows = x[tokens]
+    if outputs:
+      _, rows = collectives.in_order(outputs[-1], rows, enabled=ordered)
+    y, sizes = _dropless_chunk(rows, piece, weights, cfg=cfg, mode=mode,
                                num_devices=num_devices, slots_per_device=slots_per_device)
     outputs.append(y)
     group_sizes = group_sizes + sizes
@@ -85,7 +96,7 @@ def _dropless_chunk(rows, assignment, weights, *, cfg, mode, num_devices, slots_
   return jnp.zeros_like(y_sorted).at[order].set(y_sorted), plan.group_sizes
 
 
-def _capacity(x, assignment, weights, *, cfg, capacity, num_devices, slots_per_device):
+def _capacity(x, assignment, weights, *, cfg, capacity, ordered, num_devices, slots_per_device):
   """Fixed [G, C, d] buffers; chunks split the capacity axis."""
   num_tokens, width = x.shape
   num_slots = num_devices * slots_per_device
@@ -93,13 +104,18 @@ def _capacity(x, assignment, weights, *, cfg, capacity, num_devices, slots_per_d
   rows = x[jnp.arange(slot.shape[0]) % num_tokens]                          # [N, d] choice order
   send = jnp.zeros((num_slots, capacity, width), x.dtype)
   send = send.at[slot, assignment.position].set(rows, mode="drop")          # [G, C, d]
-  returned = jnp.concatenate(
-      [_capacity_chunk(send[:, lo:hi], weights, cfg=cfg, num_devices=num_devices,
-                       slots_per_device=slots_per_device)
-       for lo, hi in chunk_bounds(capacity, cfg.num_chunks)], axis=1)       # [G, C, d]
+  pieces = []
+  for lo, hi in chunk_bounds(capacity, cfg.num_chunks):
+    piece = send[:, lo:hi]
+    if pieces:
+      _, piece = collectives.in_order(pieces[-1], piece, enabled=ordered)
+    pieces.append(_capacity_chunk(piece, weights, cfg=cfg, num_devices=num_devices,
+                                  slots_per_device=slots_per_device))
+  returned = jnp.concatenate(pieces, axis=1)                                # [G, C, d]
   y_choice = returned[jnp.clip(slot, 0, num_slots - 1),
                       jnp.clip(assignment.position, 0, capacity - 1)]
   slot_counts = jnp.zeros((num_slots,), jnp.int32).at[slot].add(1, mode="drop")
+  _, slot_counts = collectives.in_order(returned, slot_counts, enabled=ordered)
   count_matrix = jax.lax.all_gather(slot_counts, "expert")                  # [De, G]
   mine = jax.lax.dynamic_slice_in_dim(
       count_matrix, jax.lax.axis_index("expert") * slots_per_device, slots_per_device, axis=1)

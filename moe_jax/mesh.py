@@ -51,3 +51,9 @@ def axis_sizes(mesh: Mesh) -> tuple[int, int]:
     raise ValueError(f"mesh has axes {extra} of size > 1, which moe_apply does not shard over; "
                      "use a ('data', 'expert') mesh.")
   return mesh.shape["data"], mesh.shape["expert"]
+
+
+def is_cpu(mesh: Mesh) -> bool:
+  """Whether the mesh's devices are CPUs (whose collectives are synchronous: see
+  `collectives.in_order`)."""
+  return mesh.devices.flat[0].platform == "cpu"

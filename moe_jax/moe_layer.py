@@ -166,7 +166,8 @@ def _moe_apply_jit(params, x, slot_table, replica_weights, token_mask, routing, 
             shard(dispatch_mask))
 
   body = functools.partial(dispatch.layer_body, cfg=cfg, mode=_exchange_mode(cfg),
-                           prefetch_inside=replica_weights is None and cfg.num_replica_slots > 0)
+                           prefetch_inside=replica_weights is None and cfg.num_replica_slots > 0,
+                           ordered=mesh_lib.is_cpu(mesh))
   home = expert_weights(params)
   specs = {k: P("expert") for k in home}
   replicas = replica_weights if replica_weights is not None else {}

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from moe_jax import collectives
+from moe_jax import mesh as mesh_lib
 from moe_jax import moe_layer
 from moe_jax import placement
 from moe_jax import predictor as predictor_lib
@@ -144,6 +146,8 @@ class StackRunner:
       current = self._pending.pop((stack, index))
     if index + 1 < len(self.layers[stack]):
       self._pending[(stack, index + 1)] = self._plan(stack, index + 1, x)
+    if mesh_lib.is_cpu(self.mesh):  # the layer's collectives after the placements'
+      current, x = self._after_placements(stack, index, current, x)
     cfg = self.moe_cfg if current.table is not None else self.moe_cfg.replace(num_replica_slots=0)
     y, stats = moe_layer.moe_apply(ff_params, x, cfg, mesh=self.mesh, routing=routing,
                                    slot_table=current.table, replica_weights=current.weights)
@@ -152,6 +156,15 @@ class StackRunner:
                                             predicted_top1=current.top1, slot_table=table,
                                             stats=stats))
     return y, stats
+
+  def _after_placements(self, stack, index, current, x):
+    """x made to wait for this layer's and the next layer's placement + prefetch."""
+    pending = self._pending.get((stack, index + 1))
+    fields = lambda p: None if p is None else (p.load, p.top1, p.table, p.weights)
+    (now, nxt), x = collectives.in_order((fields(current), fields(pending)), x, enabled=True)
+    if pending is not None:
+      self._pending[(stack, index + 1)] = _Placement(*nxt)
+    return _Placement(*now), x
 
   def records(self) -> dict:
     """stack -> list of `LayerRecord`, one per MoE layer run so far."""
