@@ -8,7 +8,7 @@ each load ("balanced": equal group sizes; "uniform": multinomial with equal popu
 multinomial with Zipf(--zipf) popularity), contenders run in interleaved rounds (medians):
   dense ideal    one FFN over all T rows (the FLOPs every exact backend must do),
   windowed       moe_jax's CPU backend (`gmm_backend="windowed"`),
-  windowed@HEAD  the backend as it was before this benchmark's changes (kept here for the record),
+  windowed_prev  the backend as it was before this benchmark's changes (kept here for the record),
   ragged_dot     `jax.lax.ragged_dot` (timed once when its warm-up takes > --slow_s seconds),
   batched@max    one batched einsum over every expert with C = the largest group (exact; all
                  experts' weights read once, in place; shown for the sparse regime),
@@ -39,7 +39,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("cases", "1024:8,1024:16,1024:128,4096:8,4096:16,4096:128",
                     "comma-separated rows:experts")
 flags.DEFINE_string("loads", "balanced,zipf", "comma-separated: balanced, uniform, zipf")
-flags.DEFINE_string("contenders", "dense ideal,windowed,windowed@HEAD,ragged_dot,capacity",
+flags.DEFINE_string("contenders", "dense ideal,windowed,windowed_prev,ragged_dot,capacity",
                     "comma-separated contenders to run")
 flags.DEFINE_integer("d_model", 768, "model width")
 flags.DEFINE_integer("d_ff", 3072, "expert hidden width")
@@ -134,7 +134,7 @@ def contender_fns(num_rows, num_groups, max_group):
                                                           "relu")),
       "windowed": jax.jit(lambda x, s, w: experts.grouped_ffn(x, s, w, activation="relu",
                                                               backend="windowed")),
-      "windowed@HEAD": jax.jit(legacy_windowed_ffn),
+      "windowed_prev": jax.jit(legacy_windowed_ffn),
       "ragged_dot": jax.jit(lambda x, s, w: experts.grouped_ffn(x, s, w, activation="relu",
                                                                 backend="ragged_dot")),
       "batched@max": jax.jit(lambda x, s, w: capacity_contender(x, s, w, max(max_group, 1))),
