@@ -5,7 +5,8 @@
 For each seed: token choices drawn from Zipf(--zipf) expert popularity (a random expert order), one
 MoE layer on a data=1 x expert=D mesh of simulated CPU devices, run with no replica slots and with
 the oracle placement (`moe_jax.place` of the true loads). Prints balancedness (mean / max tokens
-per device) in dropless mode and dropped choices in capacity mode, (Greedy placement, so a seed can fall short of the optimum: see benchmarks/placement_gap.py.)
+per device) in dropless mode and dropped choices in capacity mode. Placement is greedy, so a seed
+can fall short of the optimum (see benchmarks/placement_gap.py).
 """
 
 import os
