@@ -32,7 +32,8 @@ def layer_body(x, expert_ids, combine_weights, dispatch_mask, home, replicas, sl
   """
   if prefetch_inside:
     replicas = collectives.prefetch_replicas(home, slot_table, mode=mode)
-    replicas, x = collectives.in_order(replicas, x, enabled=ordered)
+    replicas, (x, expert_ids, dispatch_mask) = collectives.in_order(
+        replicas, (x, expert_ids, dispatch_mask), enabled=ordered)
   weights = {k: jnp.concatenate([home[k], replicas[k]], axis=0) if replicas else home[k]
              for k in home}                                                 # [S, ...]
   num_devices, slots_per_device = slot_table.shape
@@ -71,8 +72,8 @@ def _dropless(x, assignment, weights, *, cfg, mode, ordered, num_devices, slots_
     piece = jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi], assignment)
     tokens = (lo + jnp.arange(hi - lo)) % x.shape[0]                      # choice -> token
     rows = x[tokens]
-    if outputs:
-      _, rows = collectives.in_order(outputs[-1], rows, enabled=ordered)
+    if outputs:  # this chunk's count all_gather and exchanges after the previous chunk's
+      _, (rows, piece) = collectives.in_order(outputs[-1], (rows, piece), enabled=ordered)
     y, sizes = _dropless_chunk(rows, piece, weights, cfg=cfg, mode=mode,
                                num_devices=num_devices, slots_per_device=slots_per_device)
     outputs.append(y)

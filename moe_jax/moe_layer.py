@@ -164,10 +164,14 @@ def _moe_apply_jit(params, x, slot_table, replica_weights, token_mask, routing, 
   dispatch_mask = routing.dispatch_mask & valid[:, None]
   inputs = (shard(tokens), shard(routing.expert_ids), shard(routing.combine_weights),
             shard(dispatch_mask))
+  # XLA:CPU: the routing's reductions (losses), then the layer's collectives, then the stats'
+  # reductions, then whatever consumes y (see collectives.in_order).
+  ordered = mesh_lib.is_cpu(mesh)
+  routing, inputs = collectives.in_order(routing, inputs, enabled=ordered)
 
   body = functools.partial(dispatch.layer_body, cfg=cfg, mode=_exchange_mode(cfg),
                            prefetch_inside=replica_weights is None and cfg.num_replica_slots > 0,
-                           ordered=mesh_lib.is_cpu(mesh))
+                           ordered=ordered)
   home = expert_weights(params)
   specs = {k: P("expert") for k in home}
   replicas = replica_weights if replica_weights is not None else {}
@@ -177,15 +181,17 @@ def _moe_apply_jit(params, x, slot_table, replica_weights, token_mask, routing, 
       out_specs=(TOKENS, P("data", "expert"), P()))(*inputs, home, replicas, slot_table)
 
   y = _from_shards(y, batch * length, num_data).reshape(batch, length, d)
+  _, (expert_ids, counted) = collectives.in_order(y, (routing.expert_ids, dispatch_mask),
+                                                  enabled=ordered)
   tokens_per_device = jnp.sum(tokens_per_slot, axis=-1)
   stats = MoEStats(
-      tokens_per_expert=routing_lib.expert_counts(routing.expert_ids, dispatch_mask,
-                                                  cfg.num_experts),
+      tokens_per_expert=routing_lib.expert_counts(expert_ids, counted, cfg.num_experts),
       tokens_per_slot=tokens_per_slot, tokens_per_device=tokens_per_device,
-      dropped_choices=dropped, total_choices=jnp.sum(dispatch_mask.astype(jnp.int32)),
+      dropped_choices=dropped, total_choices=jnp.sum(counted.astype(jnp.int32)),
       balancedness=placement.balancedness(tokens_per_device),
       replica_bytes=replica_bytes(slot_table, params, h) * num_data,
       routing=routing)
+  stats, y = collectives.in_order(stats, y, enabled=ordered)
   return y, stats
 
 
