@@ -53,6 +53,9 @@ flags.DEFINE_integer("steps", 4, "distinct batches per round")
 flags.DEFINE_integer("rounds", 5, "timed rounds (after one untimed warm-up round)")
 flags.DEFINE_integer("train_batches", 4, "batches of traces for the learned predictor")
 flags.DEFINE_integer("train_steps", 300, "learned predictor training steps")
+flags.DEFINE_bool("resident", True, "keep replicas between steps; fetch only changed slots")
+flags.DEFINE_float("stickiness", 0.1, "with --resident: keep a layer's table unless a new one "
+                   "lowers the expected max device load by more than this fraction")
 flags.DEFINE_list("policies", ["none", "history", "pregate", "learned", "oracle"], "policies")
 flags.DEFINE_bool("pin", True, "pin each process to its own core")
 flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
@@ -115,12 +118,14 @@ def _programs(cfg, mesh):
       summary = {"tokens_per_device": jnp.stack([r.stats.tokens_per_device for r in records]),
                  "tokens_per_expert": jnp.stack([r.stats.tokens_per_expert for r in records]),
                  "predicted_load": jnp.stack([r.predicted_load for r in records]),
-                 "slot_table": jnp.stack([r.slot_table for r in records])}
+                 "slot_table": jnp.stack([r.slot_table for r in records]),
+                 "fetched_bytes": jnp.stack([r.fetched_bytes for r in records])}
       return out, summary, runner.next_state()
     return run
 
   return record_pass, timed(replication.ReplicationConfig(predictor="none")), timed(
-      replication.ReplicationConfig(predictor="dynamic"))
+      replication.ReplicationConfig(predictor="dynamic", resident=FLAGS.resident,
+                                    stickiness=FLAGS.stickiness if FLAGS.resident else 0.0))
 
 
 def _learned(record_pass, params, train, host_params):
@@ -150,14 +155,20 @@ def _run_once(programs, policy, params, h, state, learned, oracle):
   return time.perf_counter() - start, summary, state
 
 
+def _initial_state(params, cfg, mesh):
+  state = replication.init_state({moe_stack.STACK: FLAGS.num_layers}, cfg.num_experts)
+  if FLAGS.resident:
+    state = replication.with_resident_replicas(state, moe_stack.moe_layers(params), cfg, mesh)
+  return state
+
+
 def _time_policies(programs, params, timed, oracle, learned, cfg, mesh):
   """Warm-up round + FLAGS.rounds timed rounds; within a step, policies in rotating order.
 
   Returns (runs: policy -> list of per-step records, fits: one `_fit_cluster` per timed round,
   so the machine is measured under the same background load as the steps).
   """
-  init = lambda: replication.init_state({moe_stack.STACK: FLAGS.num_layers}, cfg.num_experts)
-  states = {p: init() for p in FLAGS.policies}
+  states = {p: _initial_state(params, cfg, mesh) for p in FLAGS.policies}
   runs = {p: [] for p in FLAGS.policies}
   fits = []
   for round_index in range(FLAGS.rounds + 1):
@@ -212,7 +223,8 @@ def _summarise(runs):
         speedup=float(np.median(times["none"] / times[p])),
         median_speedup=float(np.median(times["none"]) / np.median(times[p])),
         min_speedup=float(times["none"].min() / times[p].min()),
-        balancedness=float(np.mean(per_layer.mean(axis=(2, 3)) / per_layer.max(axis=(2, 3)))))
+        balancedness=float(np.mean(per_layer.mean(axis=(2, 3)) / per_layer.max(axis=(2, 3)))),
+        fetched_mb_per_step=float(np.mean([np.sum(r["fetched_bytes"]) for r in rs]) / 1e6))
     rows[p]["fraction_of_ideal"] = rows[p]["speedup"] / ideal
   return rows
 
@@ -220,16 +232,18 @@ def _summarise(runs):
 def _print_table(rows, cluster):
   print(f"\nstraggler: 2 processes x 1 pinned core, mesh data=1 x expert=2; d={FLAGS.d_model} "
         f"f={FLAGS.d_ff} E={FLAGS.num_experts} top-1, {FLAGS.num_layers} MoE layers, "
-        f"{FLAGS.batch * FLAGS.length} tokens/step, r={FLAGS.replica_slots}; "
+        f"{FLAGS.batch * FLAGS.length} tokens/step, r={FLAGS.replica_slots}, "
+        f"resident={FLAGS.resident} stickiness={FLAGS.stickiness}; "
         f"{FLAGS.rounds} rounds x {FLAGS.steps} batches per policy, interleaved. Shared machine: "
         "speedup = median of paired ratios (same step), also ratio of medians and of minima")
   print(f"{'policy':9s} {'median ms':>10s} {'p25-p75 ms':>15s} {'min ms':>8s} {'balanced':>9s} "
-        f"{'ideal':>6s} {'speedup':>8s} {'of ideal':>9s} {'med/med':>8s} {'min/min':>8s}")
+        f"{'ideal':>6s} {'speedup':>8s} {'of ideal':>9s} {'med/med':>8s} {'min/min':>8s} "
+        f"{'MB/step':>8s}")
   for p, r in rows.items():
     print(f"{p:9s} {r['median_s'] * 1e3:10.1f} {r['p25_s'] * 1e3:7.1f}-{r['p75_s'] * 1e3:<7.1f} "
           f"{r['min_s'] * 1e3:8.1f} {r['balancedness']:9.3f} {r['ideal_speedup']:6.3f} "
           f"{r['speedup']:8.3f} {r['fraction_of_ideal'] * 100:8.1f}% {r['median_speedup']:8.3f} "
-          f"{r['min_speedup']:8.3f}")
+          f"{r['min_speedup']:8.3f} {r['fetched_mb_per_step']:8.1f}")
   print(f"fitted (median over rounds): {cluster['flops_per_s'] / 1e9:.1f} GFLOP/s per core, memory "
         f"{cluster['hbm_bytes_per_s'] / 1e9:.1f} GB/s, all-to-all "
         f"{cluster['a2a_bytes_per_s'] / 1e9:.2f} GB/s + {cluster['latency_s'] * 1e3:.2f} ms")
@@ -243,7 +257,8 @@ def _write(rows, runs, cluster, cores, oracle_true, fits):
   for p, rs in runs.items():
     arrays[f"{p}/seconds"] = np.array([r["seconds"] for r in rs])
     arrays[f"{p}/step"] = np.array([r["step"] for r in rs])
-    for key in ("predicted_load", "tokens_per_expert", "tokens_per_device", "slot_table"):
+    for key in ("predicted_load", "tokens_per_expert", "tokens_per_device", "slot_table",
+                "fetched_bytes"):
       arrays[f"{p}/{key}"] = np.stack([r[key] for r in rs])
   np.savez_compressed(base + "_runs.npz", **arrays)
   predicted = {}
@@ -266,7 +281,8 @@ def _write(rows, runs, cluster, cores, oracle_true, fits):
 
 def _flag_dict():
   names = ("d_model", "d_ff", "num_experts", "num_layers", "replica_slots", "batch", "length",
-           "skew", "topic_scale", "steps", "rounds", "train_batches", "train_steps", "policies")
+           "skew", "topic_scale", "steps", "rounds", "train_batches", "train_steps", "policies",
+           "resident", "stickiness")
   return {n: getattr(FLAGS, n) for n in names}
 
 

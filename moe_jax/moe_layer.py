@@ -114,6 +114,56 @@ def _prefetch_jit(home, slot_table, *, cfg, mesh):
   return jax.shard_map(body, mesh=mesh, in_specs=(specs, P()), out_specs=specs)(home, slot_table)
 
 
+def refresh(params: dict, slot_table: jax.Array, held_table: jax.Array, held_weights: dict,
+            cfg: MoEConfig, *, mesh) -> tuple[dict, jax.Array]:
+  """Replica weights for `slot_table`, reusing the replicas already held for `held_table`.
+
+  Only replica slots whose expert changed are fetched: with the ragged exchange (GPU/TPU) the
+  others move no bytes, and on the padded CPU fallback the exchange is skipped entirely when no
+  slot changed (a `lax.cond`; its predicate is the replicated table, so every device agrees).
+  `held_weights` must be what `prefetch`/`refresh` returned for `held_table` with these same
+  `params`: resident replicas are copies, so start again from empty slots when params change.
+
+  Args:
+    params: the layer's params (home experts sharded over 'expert').
+    slot_table, held_table: <int32>[De, h + r] the new table and the one the replicas hold.
+    held_weights: {name: <f>[De * r, ...]} the replicas of `held_table`.
+
+  Returns:
+    ({name: <f>[De * r, ...]} replicas of `slot_table`,
+     <f32>[] expert-weight bytes fetched into replica slots on the whole mesh).
+  """
+  num_data, num_devices = mesh_lib.axis_sizes(mesh)
+  h = cfg.num_experts // num_devices
+  slot_table = jnp.asarray(slot_table, jnp.int32)
+  changed = (slot_table != jnp.asarray(held_table, jnp.int32))[:, h:]         # [De, r]
+  fetch_table = slot_table.at[:, h:].set(jnp.where(changed, slot_table[:, h:], -1))
+  home = expert_weights(params)
+
+  def fetch_changed():
+    fetched = _prefetch_jit(home, fetch_table, cfg=cfg, mesh=mesh)
+    keep = changed.reshape(-1)                                                # [De * r]
+    return {k: jnp.where(keep.reshape((-1,) + (1,) * (w.ndim - 1)), fetched[k], held_weights[k])
+            for k, w in fetched.items()}
+
+  if _exchange_mode(cfg) == "padded":
+    weights = jax.lax.cond(jnp.any(changed), fetch_changed, lambda: dict(held_weights))
+  else:
+    weights = fetch_changed()
+  return weights, replica_bytes(fetch_table, params, h) * num_data
+
+
+def empty_replicas(params: dict, cfg: MoEConfig, *, mesh) -> dict:
+  """{name: zeros <f>[De * r, ...]} sharded over 'expert': the replicas of the home-only table."""
+  _, num_devices = mesh_lib.axis_sizes(mesh)
+  sharding = jax.sharding.NamedSharding(mesh, P("expert"))
+  shapes = {k: ((num_devices * cfg.num_replica_slots,) + w.shape[1:], w.dtype)
+            for k, w in expert_weights(params).items()}
+  make = jax.jit(lambda: {k: jnp.zeros(s, d) for k, (s, d) in shapes.items()},
+                 out_shardings={k: sharding for k in shapes})
+  return make()
+
+
 def moe_apply(params: dict, x: jax.Array, cfg: MoEConfig, *, mesh=None, slot_table=None,
               replica_weights: dict | None = None, token_mask: jax.Array | None = None,
               routing: routing_lib.Routing | None = None):

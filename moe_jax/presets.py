@@ -7,7 +7,8 @@ Launch scripts turn the sub-trees into typed objects at the boundary (`SwitchCon
   config.checkpoint    a checkpoint dir: moe_jax orbax (moe_jax.json + params/) or Hugging Face
                        (config.json + *.safetensors); "builtin:NAME" = moe_jax/assets/NAME
   config.moe           MoEConfig fields of the sparse blocks (dispatch, replica slots, backends)
-  config.replication   ReplicationConfig fields (predictor, first_layer, history_decay)
+  config.replication   ReplicationConfig fields (predictor, first_layer, history_decay,
+                       resident, stickiness)
   config.predictor_checkpoint  the learned predictor (orbax dir), "" if none
   config.mesh          data / expert axis sizes (expert=-1: all devices / data)
   config.cpu_devices   simulated CPU devices when the host has one (0: leave XLA alone)
@@ -64,7 +65,8 @@ def common(model: dict, *, checkpoint: str = "") -> ml_collections.ConfigDict:
       dispatch="dropless", capacity_factor=1.25, num_replica_slots=2, gmm_backend="auto",
       all_to_all="auto", num_chunks=1))
   c.replication = ml_collections.ConfigDict(dict(
-      predictor="pregate", first_layer="history", history_decay=0.8))
+      predictor="pregate", first_layer="history", history_decay=0.8, resident=False,
+      stickiness=0.0))
   c.predictor_checkpoint = ""
   c.mesh = ml_collections.ConfigDict(dict(data=1, expert=-1))
   c.cpu_devices = 8

@@ -38,11 +38,17 @@ class ReplicationConfig:
       `DYNAMIC_KINDS`), so one compiled program serves every replicating predictor.
     first_layer: placement of each stack's first MoE layer: "history" or "none".
     history_decay: EMA decay of the per-layer load history.
+    resident: keep each layer's replicas between batches (in `ReplicationState`) and fetch only
+      the slots whose expert changed (`moe_layer.refresh`), instead of every slot every batch.
+    stickiness: with `resident`, keep the held table unless a new one lowers the expected max
+      device load by more than this fraction (`placement.place`): trades balance for traffic.
   """
 
   predictor: str = "none"
   first_layer: str = "history"
   history_decay: float = 0.8
+  resident: bool = False
+  stickiness: float = 0.0
 
   def __post_init__(self):
     if self.predictor != "dynamic":
@@ -51,6 +57,11 @@ class ReplicationConfig:
       raise ValueError(f"first_layer={self.first_layer!r}: use 'history' or 'none'.")
     if not 0.0 <= self.history_decay < 1.0:
       raise ValueError(f"history_decay={self.history_decay} must be in [0, 1).")
+    if not 0.0 <= self.stickiness < 1.0:
+      raise ValueError(f"stickiness={self.stickiness} must be in [0, 1).")
+    if self.stickiness > 0 and not self.resident:
+      raise ValueError("stickiness > 0 keeps the previous batch's table, which only resident "
+                       "replicas remember: set resident=True as well.")
 
 
 DYNAMIC_KINDS = ("history", "pregate", "learned", "oracle")
@@ -65,14 +76,37 @@ def policy_index(kind: str) -> int:
 
 @struct.dataclass
 class ReplicationState:
-  """What carries over between batches: stack -> <f32>[num MoE layers, E] load EMA."""
+  """What carries over between batches.
+
+  Attributes:
+    history: stack -> <f32>[num MoE layers, E] load EMA.
+    tables: resident replicas only: stack -> <int32>[num MoE layers, De, h + r] the tables the
+      held replicas fill (None until the first batch, or `with_resident_replicas`).
+    replicas: resident replicas only: stack -> per MoE layer {name: <f>[De * r, ...]}.
+  """
 
   history: dict
+  tables: dict | None = None
+  replicas: dict | None = None
 
 
 def init_state(layer_counts: dict, num_experts: int) -> ReplicationState:
   return ReplicationState(history={stack: jnp.zeros((n, num_experts), jnp.float32)
                                    for stack, n in layer_counts.items()})
+
+
+def with_resident_replicas(state: ReplicationState, layers: dict, moe_cfg: MoEConfig,
+                           mesh) -> ReplicationState:
+  """`state` holding empty replica slots for every MoE layer of `layers` (stack -> params list).
+
+  Optional for `ReplicationConfig(resident=True)`: without it the first batch starts from empty
+  slots all the same, but the state's structure changes after it (one more compilation).
+  """
+  table = _home_table(moe_cfg, mesh)
+  return state.replace(
+      tables={s: jnp.broadcast_to(table, (len(p),) + table.shape) for s, p in layers.items()},
+      replicas={s: [moe_layer.empty_replicas(q, moe_cfg, mesh=mesh) for q in p]
+                for s, p in layers.items()})
 
 
 @struct.dataclass
@@ -83,12 +117,15 @@ class LayerRecord:
     predicted_load: <f32>[E] the estimate its placement used (zeros when none).
     predicted_top1: <int32>[T] per-token predicted expert (-1 when the predictor has none).
     slot_table: <int32>[De, h + r] the table it ran with.
-    stats: its `MoEStats` (true loads, per-device tokens, balancedness, replica bytes).
+    fetched_bytes: <f32>[] expert-weight bytes moved into its replica slots (every filled slot;
+      with resident replicas only the changed ones).
+    stats: its `MoEStats` (true loads, per-device tokens, balancedness).
   """
 
   predicted_load: jax.Array
   predicted_top1: jax.Array
   slot_table: jax.Array
+  fetched_bytes: jax.Array
   stats: moe_layer.MoEStats
 
 
@@ -98,6 +135,7 @@ class _Placement:
   top1: jax.Array
   table: jax.Array | None
   weights: dict | None
+  fetched: jax.Array
 
 
 class StackRunner:
@@ -130,8 +168,11 @@ class StackRunner:
     self.config, self.moe_cfg, self.mesh = config, moe_cfg, mesh
     self.layers, self.state = layers, state
     self.learned, self.oracle_loads, self.policy = learned, oracle_loads, policy
+    if config.resident and state.tables is None and self.replicating:
+      self.state = with_resident_replicas(state, layers, moe_cfg, mesh)
     self._pending: dict = {}
     self._records: dict = {stack: [] for stack in layers}
+    self._held: dict = {stack: [] for stack in layers}     # (table, weights) or None per layer
 
   @property
   def replicating(self) -> bool:
@@ -154,13 +195,14 @@ class StackRunner:
     table = current.table if current.table is not None else _home_table(cfg, self.mesh)
     self._records[stack].append(LayerRecord(predicted_load=current.load,
                                             predicted_top1=current.top1, slot_table=table,
-                                            stats=stats))
+                                            fetched_bytes=current.fetched, stats=stats))
+    self._held[stack].append(None if current.table is None else (current.table, current.weights))
     return y, stats
 
   def _after_placements(self, stack, index, current, x):
     """x made to wait for this layer's and the next layer's placement + prefetch."""
     pending = self._pending.get((stack, index + 1))
-    fields = lambda p: None if p is None else (p.load, p.top1, p.table, p.weights)
+    fields = lambda p: None if p is None else (p.load, p.top1, p.table, p.weights, p.fetched)
     (now, nxt), x = collectives.in_order((fields(current), fields(pending)), x, enabled=True)
     if pending is not None:
       self._pending[(stack, index + 1)] = _Placement(*nxt)
@@ -171,7 +213,7 @@ class StackRunner:
     return self._records
 
   def next_state(self) -> ReplicationState:
-    """The history updated with this pass's true loads."""
+    """The history updated with this pass's true loads (and, if resident, the held replicas)."""
     history = dict(self.state.history)
     for stack, records in self._records.items():
       if not records:
@@ -181,15 +223,23 @@ class StackRunner:
       new = jax.vmap(predictor_lib.history_update, in_axes=(0, 0, None))(
           old, true, self.config.history_decay)
       history[stack] = history[stack].at[:len(records)].set(new)
-    return ReplicationState(history=history)
+    if not (self.config.resident and self.replicating):
+      return self.state.replace(history=history)
+    tables = dict(self.state.tables)
+    replicas = {stack: list(held) for stack, held in self.state.replicas.items()}
+    for stack, held in self._held.items():
+      for index, entry in enumerate(held):
+        if entry is not None:
+          tables[stack] = tables[stack].at[index].set(entry[0])
+          replicas[stack][index] = entry[1]
+    return self.state.replace(history=history, tables=tables, replicas=replicas)
 
   # --- placement -------------------------------------------------------------------------------
 
   def _first_placement(self, stack, x):
     kind = self.config.predictor
     if not self.replicating or (self.config.first_layer == "none" and kind != "oracle"):
-      return _Placement(load=jnp.zeros((self.moe_cfg.num_experts,)), top1=_no_top1(x), table=None,
-                        weights=None)
+      return _no_placement(self.moe_cfg, x)
     history = lambda: (self.state.history[stack][0], _no_top1(x))
     oracle = lambda: (self.oracle_loads[stack][0], _no_top1(x))
     if kind == "dynamic":
@@ -202,8 +252,7 @@ class StackRunner:
   def _plan(self, stack, index, x):
     """Placement + prefetch for layer `index` from the previous layer's input x."""
     if not self.replicating:
-      return _Placement(load=jnp.zeros((self.moe_cfg.num_experts,)), top1=_no_top1(x), table=None,
-                        weights=None)
+      return _no_placement(self.moe_cfg, x)
     estimators = self._estimators(stack, index, x)
     if self.config.predictor == "dynamic":
       load, top1 = _select(self.policy, [estimators[k]() for k in DYNAMIC_KINDS])
@@ -230,9 +279,19 @@ class StackRunner:
     }
 
   def _placement(self, stack, index, load, top1):
-    table = moe_layer.place(load, self.moe_cfg, mesh=self.mesh)
-    weights = moe_layer.prefetch(self.layers[stack][index], table, self.moe_cfg, mesh=self.mesh)
-    return _Placement(load=load, top1=top1, table=table, weights=weights)
+    params, cfg = self.layers[stack][index], self.moe_cfg
+    if not self.config.resident:
+      table = moe_layer.place(load, cfg, mesh=self.mesh)
+      weights = moe_layer.prefetch(params, table, cfg, mesh=self.mesh)
+      num_data, num_devices = mesh_lib.axis_sizes(self.mesh)
+      fetched = moe_layer.replica_bytes(table, params, cfg.num_experts // num_devices) * num_data
+    else:
+      held_table = self.state.tables[stack][index]
+      table = moe_layer.place(load, cfg, mesh=self.mesh, previous_table=held_table,
+                              stickiness=self.config.stickiness)
+      weights, fetched = moe_layer.refresh(params, table, held_table,
+                                           self.state.replicas[stack][index], cfg, mesh=self.mesh)
+    return _Placement(load=load, top1=top1, table=table, weights=weights, fetched=fetched)
 
 
 def _select(index, candidates):
@@ -244,6 +303,11 @@ def _select(index, candidates):
   sized matmuls ([T, d] x [d, E]), small beside the experts.
   """
   return jax.tree.map(lambda *xs: jnp.stack(xs)[index], *candidates)
+
+
+def _no_placement(cfg: MoEConfig, x):
+  return _Placement(load=jnp.zeros((cfg.num_experts,)), top1=_no_top1(x), table=None,
+                    weights=None, fetched=jnp.zeros((), jnp.float32))
 
 
 def _no_top1(x):

@@ -159,3 +159,67 @@ def test_dynamic_policy_matches_each_static_policy():
     for a, b in zip(got[moe_stack.STACK], want[moe_stack.STACK]):
       np.testing.assert_array_equal(a.slot_table, b.slot_table)
       np.testing.assert_allclose(a.predicted_load, b.predicted_load)
+
+
+def _held_replicas_match_home(state, params, cfg, mesh):
+  """Every held replica slot holds exactly its table's expert's home weights (zeros if empty)."""
+  num_devices = mesh.shape["expert"]
+  h, r = cfg.num_experts // num_devices, cfg.num_replica_slots
+  for layer, table, held in zip(params["layers"], np.asarray(state.tables[moe_stack.STACK]),
+                                state.replicas[moe_stack.STACK]):
+    for name, weights in held.items():
+      home, weights = np.asarray(layer["moe"][name]), np.asarray(weights)
+      for dev in range(num_devices):
+        for c in range(r):
+          expert = table[dev, h + c]
+          want = home[expert] if expert >= 0 else np.zeros_like(home[0])
+          np.testing.assert_array_equal(weights[dev * r + c], want)
+
+
+@pytest.mark.parametrize("kind,stickiness", [("history", 0.0), ("pregate", 0.3)])
+def test_resident_replicas_keep_outputs_and_fetch_only_changed_slots(kind, stickiness):
+  """Across drifting batches, resident replicas give the none policy's output at every step, hold
+  the right weights, and count as fetched only the slots whose expert changed."""
+  cfg, params, _, mesh = _stack()
+  rcfg = replication.ReplicationConfig(predictor=kind, resident=True, stickiness=stickiness)
+  state = replication.init_state({moe_stack.STACK: LAYERS}, cfg.num_experts)
+  state = replication.with_resident_replicas(state, moe_stack.moe_layers(params), cfg, mesh)
+  structure = jax.tree.structure(state)
+  none, run = _jit_run(cfg, mesh, replication.ReplicationConfig()), _jit_run(cfg, mesh, rcfg)
+  expert_bytes = 2 * cfg.d_model * cfg.d_ff * 4 * mesh.shape["data"]
+  fetched_any = False
+  for step in range(4):
+    h = helpers.skewed_tokens(cfg, 4, 16, seed=10 + step % 2)   # batches alternate: loads drift
+    held_tables = np.asarray(state.tables[moe_stack.STACK])
+    out, records, state = run(params, h, state, {})
+    assert jax.tree.structure(state) == structure
+    assert helpers.rel_err(out, none(params, h, replication.init_state(
+        {moe_stack.STACK: LAYERS}, cfg.num_experts), {})[0]) <= 1e-6, step
+    _held_replicas_match_home(state, params, cfg, mesh)
+    for l, record in enumerate(records[moe_stack.STACK]):
+      new, old = np.asarray(record.slot_table)[:, 2:], held_tables[l][:, 2:]
+      changed = np.sum((new != old) & (new >= 0))
+      assert float(record.fetched_bytes) == changed * expert_bytes, (step, l)
+      fetched_any |= changed > 0
+  assert fetched_any, "no replica was ever placed: the test shows nothing"
+
+
+def test_sticky_resident_tables_move_nothing_on_a_repeated_batch():
+  cfg, params, h, mesh = _stack()
+  rcfg = replication.ReplicationConfig(predictor="pregate", resident=True, stickiness=0.5)
+  state = replication.init_state({moe_stack.STACK: LAYERS}, cfg.num_experts)  # filled lazily
+  run = _jit_run(cfg, mesh, rcfg)
+  _, first, state = run(params, h, state, {})
+  _, _, state = run(params, h, state, {})    # the first layer's history now knows the loads
+  _, second, _ = run(params, h, state, {})
+  assert sum(float(r.fetched_bytes) for r in first[moe_stack.STACK]) > 0
+  assert [float(r.fetched_bytes) for r in second[moe_stack.STACK]] == [0.0] * LAYERS
+  for a, b in zip(first[moe_stack.STACK][1:], second[moe_stack.STACK][1:]):
+    np.testing.assert_array_equal(a.slot_table, b.slot_table)
+
+
+def test_stickiness_needs_resident_replicas():
+  with pytest.raises(ValueError, match="resident=True"):
+    replication.ReplicationConfig(predictor="history", stickiness=0.2)
+  with pytest.raises(ValueError, match=r"stickiness=1.5 must be in \[0, 1\)"):
+    replication.ReplicationConfig(predictor="history", resident=True, stickiness=1.5)

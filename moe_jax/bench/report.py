@@ -28,7 +28,7 @@ def layer_metrics(records_per_batch: list, stack: str, index: int) -> dict:
       "drop_rate": metrics.drop_rate(dropped, total),
       "hit_rate": _nanmean(hits),
       "load_l1_error": _nanmean(errors),
-      "replica_bytes": float(np.sum([float(r.stats.replica_bytes) for r in recs])),
+      "replica_bytes": float(np.sum([float(r.fetched_bytes) for r in recs])),
       "tokens_per_expert": np.sum(true, axis=0).tolist(),
       "tokens_per_device": np.sum([d.reshape(-1) for d in per_device], axis=0).tolist(),
   }
