@@ -62,15 +62,24 @@ def quiet_library_logs() -> None:
     handler.addFilter(_Filter())
 
 
-def run(main) -> None:
-  """absl's app.run(main), printing a config/usage problem as one line instead of a traceback."""
+def run(main, *, multi_process: bool = True) -> None:
+  """absl's app.run(main), printing a config/usage problem as one line instead of a traceback.
+
+  Every launch script also takes --coordinator / --num_processes / --process_id (falling back to
+  the cluster environment `jax.distributed.initialize` detects): the job is joined before `main`
+  runs, so `jax.devices()` lists every process's devices. Scripts that only run on one process
+  pass `multi_process=False` and refuse a multi-process job with a one-line error.
+  """
   from absl import app, logging  # pylint: disable=import-outside-toplevel
-  from moe_jax import runtime  # pylint: disable=import-outside-toplevel
+  from moe_jax import distributed, runtime  # pylint: disable=import-outside-toplevel
+
+  distributed.define_flags()
 
   def guarded(argv):
     logging.set_verbosity(logging.INFO)
     quiet_library_logs()
     try:
+      _join_job(distributed, runtime, multi_process)
       return main(argv)
     except (runtime.UsageError, FileNotFoundError) as e:
       print(f"error: {e}", file=sys.stderr)
@@ -85,3 +94,14 @@ def run(main) -> None:
       sys.exit(2)
 
   app.run(guarded, flags_parser=parse_flags)
+
+
+def _join_job(distributed, runtime, multi_process: bool) -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  script = os.path.basename(sys.argv[0])
+  if not multi_process and (flags.FLAGS.num_processes or 1) > 1:
+    raise runtime.UsageError(f"{script} runs as one process; drop --coordinator/--num_processes/"
+                             "--process_id (multi-process: launch/bench.py, launch/infer.py, "
+                             "launch/demo_layer.py, launch/distributed_demo.py).")
+  if multi_process:
+    distributed.initialize_from_flags()

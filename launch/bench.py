@@ -5,6 +5,9 @@
 Runs the model over held-out text for each policy (none, history, pregate, learned, oracle) and
 dispatch mode (dropless, capacity) on a (data, expert) mesh (8 simulated CPU devices by default),
 then writes REPORT_DIR/report.json and PNG plots and prints a table.
+
+  python launch/local_cluster.py --num_processes=2 --devices_per_process=4 -- \
+      python launch/bench.py --config.cpu_devices=4       # one job of 2 processes x 4 devices
 """
 
 import _setup
@@ -38,6 +41,8 @@ def main(argv):
                                   repeats=config.bench.repeats, warmup=batches[:warm])
   meta = harness.describe(config, setup, batches[warm:], mesh)
   report = report_lib.build_report(runs, meta)
+  if jax.process_index() != 0:   # multi-process: process 0 writes and prints
+    return
   os.makedirs(config.bench.report_dir, exist_ok=True)
   report_lib.write_json(report, os.path.join(config.bench.report_dir, "report.json"))
   if config.bench.plots:

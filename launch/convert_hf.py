@@ -13,7 +13,7 @@ import _setup  # noqa: F401  (process set-up, before anything imports jax)
 import sys  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
 from moe_jax.checkpoints import convert  # noqa: E402
 
@@ -44,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _setup.run(main, multi_process=False)

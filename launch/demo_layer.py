@@ -1,6 +1,8 @@
 """Demo: one expert-parallel MoE layer on a (data=2, expert=4) mesh, checked against the oracle.
 
   python launch/demo_layer.py [--num_experts=16 --top_k=2 --dispatch=capacity]
+  python launch/local_cluster.py --num_processes=2 --devices_per_process=4 -- \
+      python launch/demo_layer.py             # the same mesh spread over 2 processes
 """
 
 import _setup
@@ -9,10 +11,10 @@ _setup.simulate_cpu_devices(8)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 import moe_jax  # noqa: E402
-from moe_jax import reference  # noqa: E402
+from moe_jax import distributed, reference  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_experts", 16, "experts")
@@ -26,15 +28,21 @@ def main(argv):
   del argv
   cfg = moe_jax.MoEConfig(num_experts=FLAGS.num_experts, top_k=FLAGS.top_k, d_model=64,
                           d_ff=128, dispatch=FLAGS.dispatch)
-  mesh = moe_jax.make_mesh(data=FLAGS.data, expert=FLAGS.expert)
-  params = moe_jax.init_moe_params(jax.random.key(0), cfg)
+  if jax.process_count() > 1:   # every process runs this; the mesh spans all of them
+    mesh = distributed.make_global_mesh(FLAGS.data, FLAGS.expert)
+  else:
+    mesh = moe_jax.make_mesh(data=FLAGS.data, expert=FLAGS.expert)
+  params = moe_jax.init_moe_params(jax.random.key(0), cfg)   # same seed: same values everywhere
   x = jax.random.normal(jax.random.key(1), (8, 32, cfg.d_model))
   x = x.at[..., :4].add(1.5)  # a shared component makes the router's choices skewed
-  y, stats = moe_jax.moe_apply(params, x, cfg, mesh=mesh)
+  y, stats = distributed.gather(moe_jax.moe_apply(params, x, cfg, mesh=mesh))
+  if jax.process_index() != 0:
+    return
   r = stats.routing
   oracle = reference.dense_moe(params, x.reshape(-1, cfg.d_model), r.expert_ids,
                                r.combine_weights, r.dispatch_mask, activation=cfg.activation)
-  print(f"devices: {len(jax.devices())} x {jax.devices()[0].platform}; mesh "
+  print(f"devices: {len(jax.devices())} x {jax.devices()[0].platform} in "
+        f"{jax.process_count()} process(es); mesh "
         f"data={FLAGS.data} x expert={FLAGS.expert}; {cfg.num_experts} experts, top-{cfg.top_k}, "
         f"{cfg.dispatch}")
   print(f"tokens per expert: {np.asarray(stats.tokens_per_expert).tolist()}")
@@ -47,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _setup.run(main)

@@ -28,7 +28,7 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
 from moe_jax import sim  # noqa: E402
 from moe_jax.config import MoEConfig  # noqa: E402
@@ -203,4 +203,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _setup.run(main, multi_process=False)

@@ -34,4 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _setup.run(main)
+  _setup.run(main, multi_process=False)

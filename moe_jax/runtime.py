@@ -26,7 +26,12 @@ class UsageError(ValueError):
 
 
 def make_mesh(mesh_cfg) -> jax.sharding.Mesh:
-  """The ('data', 'expert') mesh of config.mesh (expert=-1: all devices / data)."""
+  """The ('data', 'expert') mesh of config.mesh (expert=-1: all devices / data).
+
+  In a multi-process job the mesh spans every process's devices (`distributed.make_global_mesh`)
+  and must use all of them.
+  """
+  from moe_jax import distributed  # pylint: disable=import-outside-toplevel
   devices = jax.devices()
   data = int(mesh_cfg.data)
   expert = int(mesh_cfg.expert)
@@ -37,6 +42,11 @@ def make_mesh(mesh_cfg) -> jax.sharding.Mesh:
         f"mesh data={mesh_cfg.data} x expert={mesh_cfg.expert} does not fit the {len(devices)} "
         f"visible {jax.default_backend()} device(s); set --config.mesh.data/--config.mesh.expert "
         "so data * expert <= devices (on CPU, --config.cpu_devices=N simulates N devices).")
+  if jax.process_count() > 1:
+    try:
+      return distributed.make_global_mesh(data, expert)
+    except ValueError as e:
+      raise UsageError(f"{e} (--config.mesh.data / --config.mesh.expert)") from None
   return mesh_lib.make_mesh(data, expert)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 
 from moe_jax import data as data_lib
-from moe_jax import predictor_training, runtime, training
+from moe_jax import distributed, predictor_training, runtime, training
 from moe_jax.models import switch
 
 
@@ -151,7 +151,10 @@ def pad_batch(rows: list[list[int]], multiple: int, pad_id: int):
 
 
 def balance_lines(config, model, input_ids, mask, mesh) -> list[str]:
-  """Per encoder MoE layer: tokens per device and balancedness, none vs the configured predictor."""
+  """Per encoder MoE layer: tokens per device and balancedness, none vs the configured predictor.
+
+  In a multi-process job every process must call it (it runs the encoder); all get the lines.
+  """
   from moe_jax import replication  # pylint: disable=import-outside-toplevel
   from moe_jax.models import switch_stack  # pylint: disable=import-outside-toplevel
   rcfg = runtime.replication_config(config)
@@ -169,8 +172,9 @@ def balance_lines(config, model, input_ids, mask, mesh) -> list[str]:
                                      replication.init_state(counts, model.config.num_experts))
     jax.block_until_ready(switch_stack.encode(model.params, model.config, input_ids, mask,
                                               moe_fn=runner.moe_fn))
-    for i, record in enumerate(runner.records()["encoder"]):
-      per_device = np.asarray(record.stats.tokens_per_device).reshape(-1).tolist()
-      lines.append(f"  {name:8s} encoder/{i}: tokens per device {per_device} balancedness "
-                   f"{float(record.stats.balancedness):.2f}")
+    stats = distributed.gather([(r.stats.tokens_per_device, r.stats.balancedness)
+                                for r in runner.records()["encoder"]])
+    for i, (per_device, balance) in enumerate(stats):
+      lines.append(f"  {name:8s} encoder/{i}: tokens per device "
+                   f"{per_device.reshape(-1).tolist()} balancedness {float(balance):.2f}")
   return lines

@@ -23,8 +23,8 @@ MICRO = [
 ]
 
 
-def _run(script, *args, check=True, timeout=300):
-  env = dict(os.environ)
+def _run(script, *args, check=True, timeout=300, extra_env=None):
+  env = dict(os.environ, **(extra_env or {}))
   env.pop("XLA_FLAGS", None)           # each script chooses its own device count
   env.setdefault("JAX_COMPILATION_CACHE_DIR",
                  os.path.expanduser("~/.cache/moe_jax/test_compilation_cache"))
@@ -77,6 +77,35 @@ def test_predictor_bench_and_infer(checkpoint, tmp_path):
   proc = _run("infer.py", f"--config.checkpoint={checkpoint}", "--text=The assert statement",
               "--max_new_tokens=3")
   assert "[0] ids:" in proc.stdout and "balancedness" in proc.stdout
+
+
+def test_infer_on_two_processes_matches_one_process(checkpoint):
+  """launch/infer.py as one job of 2 processes x 4 CPU devices (launch/local_cluster.py): the same
+  continuation and per-layer balance lines as one process with 8 devices."""
+  args = [f"--config.checkpoint={checkpoint}", "--text=The assert statement",
+          "--max_new_tokens=3"]
+  single = _run("infer.py", *args).stdout.splitlines()
+  env = {"JAX_COMPILATION_CACHE_DIR": os.environ.get(
+      "JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/moe_jax/test_compilation_cache"))
+      + "-2proc"}
+  proc = _run("local_cluster.py", "--num_processes=2", "--devices_per_process=4",
+              "--platform=cpu", "--timeout_s=240", "--", sys.executable,
+              os.path.join(REPO, "launch", "infer.py"), *args, "--config.cpu_devices=4",
+              extra_env=env)
+  leader = [line[len("[0] "):] for line in proc.stdout.splitlines() if line.startswith("[0] ")]
+  follower = [line for line in proc.stdout.splitlines() if line.startswith(("[1] [0] ids", "[1]   "))]
+  wanted = [line for line in single if line.startswith(("[0] ids", "  none", "  pregate"))]
+  assert len(wanted) >= 3
+  assert [line for line in leader if line in wanted] == wanted, proc.stdout
+  assert not follower, "only process 0 prints results"
+  assert "(mesh data=1 x expert=8" in proc.stdout
+
+
+def test_single_process_scripts_refuse_a_multi_process_job():
+  proc = _run("train.py", "--coordinator=localhost:1", "--num_processes=2", "--process_id=0",
+              check=False)
+  assert proc.returncode == 2
+  assert "train.py runs as one process" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_demo_layer():

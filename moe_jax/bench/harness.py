@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from moe_jax import replication
+from moe_jax import distributed, replication
 from moe_jax.config import MoEConfig
 from moe_jax.models import switch
 
@@ -85,7 +85,7 @@ def run_mode(setup: BenchSetup, batches: list[dict], dispatch: str, policies: li
         out, records, states[policy] = step(policy, batch, states[policy], oracle)
         diff = relative_max_diff(out, logits)
         results[policy]["logits_rel_diff"] = max(results[policy]["logits_rel_diff"], diff)
-      results[policy]["records"].append(jax.tree.map(np.asarray, records))
+      results[policy]["records"].append(distributed.gather(records))
     logging.info("[%s] batch %d/%d: ran %d policies", dispatch, b + 1, len(batches),
                  len(policies))
   tokens = sum(int(b["input_ids"].size + b["decoder_input_ids"].size) for b in batches)
@@ -130,7 +130,9 @@ class _Stepper:
                       for s, n in self.counts.items()}
 
   def initial_state(self):
-    return replication.init_state(self.counts, self.num_experts)
+    """Laid out on the mesh as the programs return it (so the next call hits the same program)."""
+    state = replication.init_state(self.counts, self.num_experts)
+    return distributed.from_host(jax.tree.map(np.asarray, state), self.setup.mesh)
 
   def __call__(self, policy, batch, state, oracle, timing=False):
     """none: (logits, true loads per stack, records); else (logits, records, next state)."""
@@ -168,14 +170,15 @@ def load_setup(config, mesh) -> tuple[BenchSetup, list[dict]]:
                              f"data.num_batches = {wanted}; lower one of them.")
   if not batches:
     raise runtime.UsageError("held-out text gave no full batch; lower data.batch_size.")
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  batches = [jax.device_put(b, replicated) for b in batches]
+  # Every process tokenises the same held-out text; from_host copies in only its devices' part.
+  batches = [distributed.from_host(b, mesh) for b in batches]
   learned = runtime.load_learned_predictor(config, model_cfg)
   setup = BenchSetup(model_cfg=model_cfg, params=params,
                      moe_cfg=runtime.moe_config(config, model_cfg),
                      replication_cfg=runtime.replication_config(config), mesh=mesh,
                      layers=runtime.sparse_layers(params, model_cfg),
-                     learned=None if learned is None else jax.device_put(learned, replicated))
+                     learned=None if learned is None else distributed.from_host(
+                         jax.tree.map(np.asarray, learned), mesh))
   return setup, batches
 
 

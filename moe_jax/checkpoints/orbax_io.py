@@ -158,7 +158,7 @@ def restore_params(path: str, *, mesh: jax.sharding.Mesh | None = None, target=N
                 for p, v in target_flat.items()}
   else:
     abstract = stored
-  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
   def with_sharding(p, s):
     if mesh is not None:
