@@ -6,7 +6,10 @@ Starts itself twice through launch/local_cluster.py (1 CPU device per process, e
 to its own core), builds a mesh data=1 x expert=2 spanning the processes and a stack of skewed MoE
 layers, and times one forward step per predictor (none / history / pregate / learned / oracle) on
 the same batches, interleaved over several rounds; medians are reported next to the ideal speedup
-implied by the measured per-device loads (max device load under none / under the policy). The
+implied by the measured per-device loads (max device load under none / under the policy), and
+next to an Amdahl ideal that shrinks only the straggler's expert-FFN time (see `_summarise`).
+Replicas are resident by default (`--resident`, `--stickiness`): fetched only when a slot's
+expert changes. The
 learned predictor is trained first on traces of other batches of the same stack; oracle uses the
 true loads of the same batch from an untimed pass. Process 0 prints the table and writes JSON (and
 the routing trace + fitted cluster for `launch/simulate.py --validate`) under benchmarks/results/.
@@ -201,8 +204,14 @@ def _median_fit(fits):
               else fits[0][k]) for k in fits[0]}
 
 
-def _summarise(runs):
+def _summarise(runs, flops_per_s):
   """Per policy: step times and speedups over none next to the ideal speedup from the loads.
+
+  Two ideals: `ideal_speedup` = the balance-implied one the issue names (max device load under
+  none / under the policy: what a step made only of expert FFNs would gain), and
+  `amdahl_ideal_speedup`, which removes only the straggler's expert-FFN time that balance saves
+  (per-token FFN FLOPs / the fitted `flops_per_s`) from the measured none step: the rest of the
+  step (routing, all-to-alls, dense sublayers) does not shrink with balance.
 
   On a shared machine, background load drifts over minutes; three speedup estimates are kept:
   `speedup` = median over (round, batch) of t_none / t_policy of the runs interleaved in the same
@@ -213,8 +222,11 @@ def _summarise(runs):
           for p, rs in runs.items()}
   times = {p: np.array([r["seconds"] for r in rs]) for p, rs in runs.items()}
   rows = {}
+  ffn_seconds = lambda tokens: tokens * 4 * FLAGS.d_model * FLAGS.d_ff / flops_per_s
+  t_none = float(np.median(times["none"]))
   for p, rs in runs.items():
     ideal = peak["none"] / peak[p]
+    saved = ffn_seconds((peak["none"] - peak[p]) / len(rs))          # per step
     per_layer = np.stack([r["tokens_per_device"] for r in rs])              # [N, L, Dd, De]
     rows[p] = dict(
         median_s=float(np.median(times[p])), min_s=float(times[p].min()),
@@ -226,6 +238,8 @@ def _summarise(runs):
         balancedness=float(np.mean(per_layer.mean(axis=(2, 3)) / per_layer.max(axis=(2, 3)))),
         fetched_mb_per_step=float(np.mean([np.sum(r["fetched_bytes"]) for r in rs]) / 1e6))
     rows[p]["fraction_of_ideal"] = rows[p]["speedup"] / ideal
+    rows[p]["amdahl_ideal_speedup"] = t_none / (t_none - saved)
+    rows[p]["fraction_of_amdahl_ideal"] = rows[p]["speedup"] / rows[p]["amdahl_ideal_speedup"]
   return rows
 
 
@@ -238,12 +252,13 @@ def _print_table(rows, cluster):
         "speedup = median of paired ratios (same step), also ratio of medians and of minima")
   print(f"{'policy':9s} {'median ms':>10s} {'p25-p75 ms':>15s} {'min ms':>8s} {'balanced':>9s} "
         f"{'ideal':>6s} {'speedup':>8s} {'of ideal':>9s} {'med/med':>8s} {'min/min':>8s} "
-        f"{'MB/step':>8s}")
+        f"{'MB/step':>8s} {'amdahl':>7s} {'of it':>7s}")
   for p, r in rows.items():
     print(f"{p:9s} {r['median_s'] * 1e3:10.1f} {r['p25_s'] * 1e3:7.1f}-{r['p75_s'] * 1e3:<7.1f} "
           f"{r['min_s'] * 1e3:8.1f} {r['balancedness']:9.3f} {r['ideal_speedup']:6.3f} "
           f"{r['speedup']:8.3f} {r['fraction_of_ideal'] * 100:8.1f}% {r['median_speedup']:8.3f} "
-          f"{r['min_speedup']:8.3f} {r['fetched_mb_per_step']:8.1f}")
+          f"{r['min_speedup']:8.3f} {r['fetched_mb_per_step']:8.1f} "
+          f"{r['amdahl_ideal_speedup']:7.3f} {r['fraction_of_amdahl_ideal'] * 100:6.1f}%")
   print(f"fitted (median over rounds): {cluster['flops_per_s'] / 1e9:.1f} GFLOP/s per core, memory "
         f"{cluster['hbm_bytes_per_s'] / 1e9:.1f} GB/s, all-to-all "
         f"{cluster['a2a_bytes_per_s'] / 1e9:.2f} GB/s + {cluster['latency_s'] * 1e3:.2f} ms")
@@ -306,8 +321,8 @@ def main(argv):
   learned = distributed.from_host(_learned(programs[0], params, train, host_params), mesh)
   runs, fits = _time_policies(programs, params, timed, oracle, learned, cfg, mesh)
   if info.is_leader:
-    rows = _summarise(runs)
     cluster = _median_fit(fits)
+    rows = _summarise(runs, cluster["flops_per_s"])
     _print_table(rows, cluster)
     _write(rows, runs, cluster, cores, oracle_true, fits)
 
