@@ -34,8 +34,7 @@ def layer_body(x, expert_ids, combine_weights, dispatch_mask, home, replicas, sl
     replicas = collectives.prefetch_replicas(home, slot_table, mode=mode)
     replicas, (x, expert_ids, dispatch_mask) = collectives.in_order(
         replicas, (x, expert_ids, dispatch_mask), enabled=ordered)
-  weights = {k: jnp.concatenate([home[k], replicas[k]], axis=0) if replicas else home[k]
-             for k in home}                                                 # [S, ...]
+  weights = [home, replicas] if replicas else [home]     # slot order: h home, then r replicas
   num_devices, slots_per_device = slot_table.shape
   source_index = jax.lax.axis_index("data") * num_devices + jax.lax.axis_index("expert")
   num_tokens = x.shape[0]
@@ -99,6 +98,7 @@ def _dropless_chunk(rows, assignment, weights, *, cfg, mode, num_devices, slots_
 
 def _capacity(x, assignment, weights, *, cfg, capacity, ordered, num_devices, slots_per_device):
   """Fixed [G, C, d] buffers; chunks split the capacity axis."""
+  weights = {k: jnp.concatenate([w[k] for w in weights], axis=0) for k in weights[0]}  # [S, ...]
   num_tokens, width = x.shape
   num_slots = num_devices * slots_per_device
   slot = jnp.where(assignment.slot >= 0, assignment.slot, num_slots)

@@ -53,7 +53,7 @@ def default_backend() -> str:
   return "windowed" if jax.default_backend() == "cpu" else "ragged_dot"
 
 
-def grouped_ffn(x: jax.Array, group_sizes: jax.Array, weights: dict, *, activation: str,
+def grouped_ffn(x: jax.Array, group_sizes: jax.Array, weights, *, activation: str,
                 backend: str = "auto", window: int = WINDOW_ROWS,
                 tail_window: int = TAIL_WINDOW_ROWS, bulk: bool | None = None) -> jax.Array:
   """Runs rows sorted by group through their group's FFN.
@@ -61,7 +61,10 @@ def grouped_ffn(x: jax.Array, group_sizes: jax.Array, weights: dict, *, activati
   Args:
     x: <f>[R, d] rows sorted by group; rows past sum(group_sizes) are padding.
     group_sizes: <int32>[G] rows per group.
-    weights: {"wi": <f>[G, d, f], "wo": <f>[G, f, d]} (+ "wi_gate": <f>[G, d, f] for silu).
+    weights: {"wi": <f>[G, d, f], "wo": <f>[G, f, d]} (+ "wi_gate": <f>[G, d, f] for silu), or
+      a sequence of such dicts whose group counts add up to G (e.g. a device's home experts,
+      then its replica slots): segment i's groups follow segment i - 1's. The windowed backend
+      reads each segment in place; the others concatenate them.
     activation: "relu" or "silu".
     backend: "auto", "ragged_dot", "windowed" or "dense".
     window, tail_window: windowed backend row tiles (keyword-only tuning knobs): whole windows
@@ -75,6 +78,14 @@ def grouped_ffn(x: jax.Array, group_sizes: jax.Array, weights: dict, *, activati
   if backend == "auto":
     backend = default_backend()
   group_sizes = group_sizes.astype(jnp.int32)
+  segments = [weights] if isinstance(weights, dict) else list(weights)
+  if len(segments) > 1 and backend == "windowed":
+    y = _windowed_segments(x, group_sizes, segments, activation, window=window,
+                           tail_window=tail_window, bulk=bulk)
+    valid = jnp.arange(x.shape[0]) < jnp.sum(group_sizes)
+    return jnp.where(valid[:, None], y, 0).astype(x.dtype)
+  weights = segments[0] if len(segments) == 1 else {
+      k: jnp.concatenate([w[k] for w in segments], axis=0) for k in segments[0]}
   if backend == "ragged_dot":
     y = _ragged_dot_ffn(x, group_sizes, weights, activation)
   elif backend == "windowed":
@@ -122,10 +133,26 @@ def _gate(weights, g):
   return weights["wi_gate"][g] if "wi_gate" in weights else None
 
 
-def _windowed_ffn(x, group_sizes, weights, activation, *, window, tail_window, bulk):
+def _windowed_segments(x, group_sizes, segments, activation, **tiling):
+  """Each weight segment over its own rows (they follow one another); zeros elsewhere, summed.
+
+  Avoids concatenating the segments' weights (a copy of every expert's weights per call)."""
+  y, first, offset = None, 0, jnp.int32(0)
+  for weights in segments:
+    count = weights["wi"].shape[0]
+    sizes = group_sizes[first:first + count]
+    part = _windowed_ffn(x, sizes, weights, activation, row_offset=offset, **tiling)
+    y = part if y is None else y + part
+    first, offset = first + count, offset + jnp.sum(sizes)
+  return y
+
+
+def _windowed_ffn(x, group_sizes, weights, activation, *, window, tail_window, bulk,
+                  row_offset=0):
+  """Groups of `group_sizes` starting at row `row_offset`; zeros in every other row."""
   num_rows, _ = x.shape
   plan = window_plan(num_rows, group_sizes.shape[0], window=window, tail_window=tail_window)
-  starts = jnp.cumsum(group_sizes) - group_sizes
+  starts = row_offset + jnp.cumsum(group_sizes) - group_sizes
   # 1. The bulk: the first `plan.bulk_rows` rows of every group through one batched FFN, when the
   #    actual group sizes make that cheaper than windows alone.
   if bulk is None:

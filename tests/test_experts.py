@@ -42,6 +42,24 @@ def test_grouped_ffn_matches_per_row(backend, activation, sizes):
   assert np.all(np.asarray(got)[sum(sizes):] == 0)
 
 
+@pytest.mark.parametrize("backend", ["windowed", "dense", "ragged_dot"])
+@pytest.mark.parametrize("bulk", [None, True, False])
+@pytest.mark.parametrize("split", [1, 4, 5])
+def test_weight_segments_match_one_weight_stack(backend, bulk, split):
+  """Home experts then replica slots as two weight segments: the same rows as one stack; the
+  windowed backend reads each segment in place (the segment boundary falls mid-window)."""
+  sizes = [40, 0, 70, 1, 33, 9]
+  x = jax.random.normal(jax.random.key(6), (160, 8))
+  w = _weights(len(sizes), 8, 16, False, seed=2)
+  segments = [{k: v[:split] for k, v in w.items()}, {k: v[split:] for k, v in w.items()}]
+  tiling = dict(activation="relu", backend=backend, window=32, tail_window=8)
+  if backend == "windowed":
+    tiling["bulk"] = bulk
+  got = experts.grouped_ffn(x, jnp.asarray(sizes), segments, **tiling)
+  np.testing.assert_allclose(got, _per_row(x, sizes, w, "relu"), rtol=1e-5, atol=1e-5)
+  assert np.all(np.asarray(got)[sum(sizes):] == 0)
+
+
 WINDOWED_CASES = [
     # (rows, sizes, window, tail_window)
     (160, [5, 0, 70, 1, 0, 9], 32, 8),             # fewer valid rows than R / 2
