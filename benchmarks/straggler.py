@@ -59,6 +59,8 @@ flags.DEFINE_integer("train_steps", 300, "learned predictor training steps")
 flags.DEFINE_bool("resident", True, "keep replicas between steps; fetch only changed slots")
 flags.DEFINE_float("stickiness", 0.1, "with --resident: keep a layer's table unless a new one "
                    "lowers the expected max device load by more than this fraction")
+flags.DEFINE_bool("dynamic", False, "time every policy with the one dynamic program (computes "
+                  "every estimator each layer) instead of one static program per policy")
 flags.DEFINE_list("policies", ["none", "history", "pregate", "learned", "oracle"], "policies")
 flags.DEFINE_bool("pin", True, "pin each process to its own core")
 flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
@@ -102,7 +104,11 @@ def _build(cfg, mesh, host_params):
 
 
 def _programs(cfg, mesh):
-  """Three jitted programs: record (plain pass + layer inputs/probs), none, dynamic."""
+  """(record pass (plain pass + layer inputs/probs), policy -> its timed program).
+
+  One static program per policy, as a server would run one predictor (`--dynamic` times the
+  single dynamic program instead, which computes every estimator each layer).
+  """
   @jax.jit
   def record_pass(params, h):
     inputs, probs = record.layer_traces(params, cfg, h, mesh=mesh)
@@ -111,9 +117,13 @@ def _programs(cfg, mesh):
   def timed(rcfg):
     @jax.jit
     def run(params, h, state, learned, oracle, policy):
-      kwargs = {} if rcfg.predictor == "none" else dict(
-          learned={moe_stack.STACK: learned}, oracle_loads={moe_stack.STACK: oracle},
-          policy=policy)
+      kwargs = {}
+      if rcfg.predictor in ("learned", "dynamic"):
+        kwargs["learned"] = {moe_stack.STACK: learned}
+      if rcfg.predictor in ("oracle", "dynamic"):
+        kwargs["oracle_loads"] = {moe_stack.STACK: oracle}
+      if rcfg.predictor == "dynamic":
+        kwargs["policy"] = policy
       runner = replication.StackRunner(rcfg, cfg, mesh, moe_stack.moe_layers(params), state,
                                        **kwargs)
       out, _ = moe_stack.forward(params, h, runner.moe_fn)
@@ -126,9 +136,16 @@ def _programs(cfg, mesh):
       return out, summary, runner.next_state()
     return run
 
-  return record_pass, timed(replication.ReplicationConfig(predictor="none")), timed(
-      replication.ReplicationConfig(predictor="dynamic", resident=FLAGS.resident,
-                                    stickiness=FLAGS.stickiness if FLAGS.resident else 0.0))
+  replicating = lambda kind: replication.ReplicationConfig(
+      predictor=kind, resident=FLAGS.resident,
+      stickiness=FLAGS.stickiness if FLAGS.resident else 0.0)
+  programs = {"none": timed(replication.ReplicationConfig(predictor="none"))}
+  if FLAGS.dynamic:
+    dynamic = timed(replicating("dynamic"))
+    programs.update({p: dynamic for p in FLAGS.policies if p != "none"})
+  else:
+    programs.update({p: timed(replicating(p)) for p in FLAGS.policies if p != "none"})
+  return record_pass, programs
 
 
 def _learned(record_pass, params, train, host_params):
@@ -148,8 +165,7 @@ def _learned(record_pass, params, train, host_params):
 
 def _run_once(programs, policy, params, h, state, learned, oracle):
   """Times one step; returns (seconds, summary on device, next state)."""
-  _, none_run, dynamic_run = programs
-  run = none_run if policy == "none" else dynamic_run
+  run = programs[1][policy]
   index = jnp.int32(0 if policy == "none" else replication.policy_index(policy))
   distributed.barrier(f"step-{policy}")
   start = time.perf_counter()
@@ -247,7 +263,8 @@ def _print_table(rows, cluster):
   print(f"\nstraggler: 2 processes x 1 pinned core, mesh data=1 x expert=2; d={FLAGS.d_model} "
         f"f={FLAGS.d_ff} E={FLAGS.num_experts} top-1, {FLAGS.num_layers} MoE layers, "
         f"{FLAGS.batch * FLAGS.length} tokens/step, r={FLAGS.replica_slots}, "
-        f"resident={FLAGS.resident} stickiness={FLAGS.stickiness}; "
+        f"resident={FLAGS.resident} stickiness={FLAGS.stickiness}, "
+        f"{'one dynamic program' if FLAGS.dynamic else 'one program per policy'}; "
         f"{FLAGS.rounds} rounds x {FLAGS.steps} batches per policy, interleaved. Shared machine: "
         "speedup = median of paired ratios (same step), also ratio of medians and of minima")
   print(f"{'policy':9s} {'median ms':>10s} {'p25-p75 ms':>15s} {'min ms':>8s} {'balanced':>9s} "
@@ -297,7 +314,7 @@ def _write(rows, runs, cluster, cores, oracle_true, fits):
 def _flag_dict():
   names = ("d_model", "d_ff", "num_experts", "num_layers", "replica_slots", "batch", "length",
            "skew", "topic_scale", "steps", "rounds", "train_batches", "train_steps", "policies",
-           "resident", "stickiness")
+           "resident", "stickiness", "dynamic")
   return {n: getattr(FLAGS, n) for n in names}
 
 
