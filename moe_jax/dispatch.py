@@ -98,7 +98,7 @@ def _dropless_chunk(rows, assignment, weights, *, cfg, mode, num_devices, slots_
 
 def _capacity(x, assignment, weights, *, cfg, capacity, ordered, num_devices, slots_per_device):
   """Fixed [G, C, d] buffers; chunks split the capacity axis."""
-  weights = {k: jnp.concatenate([w[k] for w in weights], axis=0) for k in weights[0]}  # [S, ...]
+  weights = experts.concat_segments(weights)                                # [S, ...]
   num_tokens, width = x.shape
   num_slots = num_devices * slots_per_device
   slot = jnp.where(assignment.slot >= 0, assignment.slot, num_slots)

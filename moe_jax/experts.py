@@ -82,22 +82,25 @@ def grouped_ffn(x: jax.Array, group_sizes: jax.Array, weights, *, activation: st
   if len(segments) > 1 and backend == "windowed":
     y = _windowed_segments(x, group_sizes, segments, activation, window=window,
                            tail_window=tail_window, bulk=bulk)
-    valid = jnp.arange(x.shape[0]) < jnp.sum(group_sizes)
-    return jnp.where(valid[:, None], y, 0).astype(x.dtype)
-  weights = segments[0] if len(segments) == 1 else {
-      k: jnp.concatenate([w[k] for w in segments], axis=0) for k in segments[0]}
-  if backend == "ragged_dot":
-    y = _ragged_dot_ffn(x, group_sizes, weights, activation)
+  elif backend == "ragged_dot":
+    y = _ragged_dot_ffn(x, group_sizes, concat_segments(segments), activation)
   elif backend == "windowed":
-    y = _windowed_ffn(x, group_sizes, weights, activation, window=window, tail_window=tail_window,
-                      bulk=bulk)
+    y = _windowed_ffn(x, group_sizes, segments[0], activation, window=window,
+                      tail_window=tail_window, bulk=bulk)
   elif backend == "dense":
-    y = _dense_ffn(x, group_sizes, weights, activation)
+    y = _dense_ffn(x, group_sizes, concat_segments(segments), activation)
   else:
     raise ValueError(f"unknown grouped-matmul backend {backend!r}; use 'auto', 'ragged_dot', "
                      "'windowed' or 'dense'.")
   valid = jnp.arange(x.shape[0]) < jnp.sum(group_sizes)
   return jnp.where(valid[:, None], y, 0).astype(x.dtype)
+
+
+def concat_segments(segments) -> dict:
+  """One weight dict [G, ...] from a sequence of weight segments (a copy unless there is one)."""
+  if len(segments) == 1:
+    return segments[0]
+  return {k: jnp.concatenate([w[k] for w in segments], axis=0) for k in segments[0]}
 
 
 def capacity_ffn(x: jax.Array, weights: dict, *, activation: str) -> jax.Array:
