@@ -44,7 +44,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-import decode_roofline  # noqa: E402  (this directory is on sys.path when run as a script)
+import roofline  # noqa: E402  (this directory is on sys.path when run as a script)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SWITCH_BASE = dict(vocab_size=32128, d_model=768, d_ff=3072, d_kv=64, num_heads=12)
@@ -354,7 +354,7 @@ def run_setup(setup: Setup, *, batches, gen_batch, new_tokens, rounds, capacity,
     result["skipped"] = "outputs disagree; no times reported"
     log(f"{setup.name}: outputs disagree, not timing it")
     return result
-  rows = []
+  rows, hit = [], []
   for batch, length in batches:
     input_ids, mask = random_inputs(batch, length, jax_model.config.vocab_size, seed=3)
     contenders = hf_contenders(lambda: hf_encoder(hf_model, input_ids, mask), hf_threads)
@@ -362,6 +362,7 @@ def run_setup(setup: Setup, *, batches, gen_batch, new_tokens, rounds, capacity,
     medians = interleaved_medians(contenders, rounds)
     rows.append(timing_row("encoder forward", f"{batch}x{length}", medians, batch * length))
     log(_row_text(setup, rows[-1]))
+    hit.append(roofline.encoder_experts_hit(jax_model, input_ids, mask))
   input_ids, mask = random_inputs(gen_batch_size, gen_length, jax_model.config.vocab_size, seed=4)
   contenders = hf_contenders(lambda: hf_generate(hf_model, input_ids, mask, new_tokens),
                              hf_threads)
@@ -371,14 +372,7 @@ def run_setup(setup: Setup, *, batches, gen_batch, new_tokens, rounds, capacity,
                          f"{gen_batch_size}x{gen_length}", medians, gen_batch_size * new_tokens))
   log(_row_text(setup, rows[-1]))
   result["timings"] = rows
-  result["decode_roofline"] = decode_roofline.measure(rows, jax_model, gen_batch, new_tokens)
-  if result["decode_roofline"]:
-    r = result["decode_roofline"]
-    log(f"{setup.name}: decode step HF {r['hf_step_s'] * 1e3:.1f} ms, moe_jax "
-        f"{r['moe_jax_step_s'] * 1e3:.1f} ms; reads >= {r['bytes_per_step'] / 1e6:.0f} MB at "
-        f"{r['memory_bytes_per_s'] / 1e9:.1f} GB/s = {r['bound_step_s'] * 1e3:.1f} ms bound "
-        f"(moe_jax at {r['moe_jax_of_bound'] * 100:.0f}% of it; HF / bound = "
-        f"{r['max_speedup_vs_hf_at_bound']:.2f}x is the most any fp32 implementation can gain)")
+  roofline.add_bounds(result, jax_model, batches, hit, gen_batch, new_tokens, log)
   del hf_model, jax_model
   gc.collect()
   return result

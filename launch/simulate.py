@@ -55,9 +55,10 @@ flags.DEFINE_float("skew", 0.25, "router skew of the recorded stack (moe_jax/sim
 flags.DEFINE_float("topic_scale", 0.1, "step-to-step topic drift of the recorded batches")
 flags.DEFINE_float("mix_scale", 0.1, "scale of the recorded stack's dense sublayers")
 flags.DEFINE_bool("resident_replicas", False, "replicas stay resident between steps: only "
-                  "changed slots move (moe_jax today refetches every replica every step)")
-flags.DEFINE_bool("assemble_weights", True, "replicating layers copy home + replica weights into "
-                  "one stack every layer (moe_jax today); false: read in place")
+                  "changed slots move (ReplicationConfig(resident=True)); false: every replica "
+                  "is refetched every step (the library default)")
+flags.DEFINE_bool("assemble_weights", False, "replicating layers copy home + replica weights "
+                  "into one stack every layer (older moe_jax); false: read in place (moe_jax now)")
 flags.DEFINE_integer("learned_steps", 300, "learned predictor training steps")
 flags.DEFINE_string("validate", None, "a straggler benchmark JSON to validate the model against")
 flags.DEFINE_string("out_dir", RESULTS, "output directory")
@@ -134,7 +135,8 @@ def _print_results(results: dict, cluster) -> None:
 
 def _replica_mode() -> str:
   fetch = "resident between steps" if FLAGS.resident_replicas else "refetched every step"
-  return fetch + ("" if FLAGS.assemble_weights else ", weights read in place")
+  return fetch + (", home + replica weights assembled per layer" if FLAGS.assemble_weights
+                  else ", weights read in place")
 
 
 def _to_json(results: dict) -> dict:
@@ -161,7 +163,8 @@ def _validate(report_path: str) -> dict:
   cluster = sim.Cluster("cpu (fitted by benchmarks/straggler.py)", **fitted)
   runs = validate.load_runs(os.path.join(os.path.dirname(report_path), report["runs_file"]))
   tokens_per_device = flags_used["batch"] * flags_used["length"] / 2
-  rows = validate.compare(runs, validate.simulate_runs(runs, shape, cluster, tokens_per_device))
+  rows = validate.compare(runs, validate.simulate_runs(
+      runs, shape, cluster, tokens_per_device, resident=flags_used.get("resident", False)))
   print(f"\nvalidation against {os.path.basename(report_path)} (2 processes x 1 core):")
   print(f"{'policy':9s} {'median ms':>10s} {'min ms':>8s} {'model ms':>9s} {'err/median':>11s} "
         f"{'err/min':>8s} {'speedup med.':>13s} {'speedup min':>12s} {'speedup model':>14s}")

@@ -98,7 +98,6 @@ def _dropless_chunk(rows, assignment, weights, *, cfg, mode, num_devices, slots_
 
 def _capacity(x, assignment, weights, *, cfg, capacity, ordered, num_devices, slots_per_device):
   """Fixed [G, C, d] buffers; chunks split the capacity axis."""
-  weights = experts.concat_segments(weights)                                # [S, ...]
   num_tokens, width = x.shape
   num_slots = num_devices * slots_per_device
   slot = jnp.where(assignment.slot >= 0, assignment.slot, num_slots)

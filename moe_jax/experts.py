@@ -63,8 +63,8 @@ def grouped_ffn(x: jax.Array, group_sizes: jax.Array, weights, *, activation: st
     group_sizes: <int32>[G] rows per group.
     weights: {"wi": <f>[G, d, f], "wo": <f>[G, f, d]} (+ "wi_gate": <f>[G, d, f] for silu), or
       a sequence of such dicts whose group counts add up to G (e.g. a device's home experts,
-      then its replica slots): segment i's groups follow segment i - 1's. The windowed backend
-      reads each segment in place; the others concatenate them.
+      then its replica slots): segment i's groups follow segment i - 1's. "windowed" and
+      "ragged_dot" read each segment in place (one call per segment); "dense" concatenates.
     activation: "relu" or "silu".
     backend: "auto", "ragged_dot", "windowed" or "dense".
     window, tail_window: windowed backend row tiles (keyword-only tuning knobs): whole windows
@@ -83,7 +83,7 @@ def grouped_ffn(x: jax.Array, group_sizes: jax.Array, weights, *, activation: st
     y = _windowed_segments(x, group_sizes, segments, activation, window=window,
                            tail_window=tail_window, bulk=bulk)
   elif backend == "ragged_dot":
-    y = _ragged_dot_ffn(x, group_sizes, concat_segments(segments), activation)
+    y = _ragged_dot_segments(x, group_sizes, segments, activation)
   elif backend == "windowed":
     y = _windowed_ffn(x, group_sizes, segments[0], activation, window=window,
                       tail_window=tail_window, bulk=bulk)
@@ -103,14 +103,46 @@ def concat_segments(segments) -> dict:
   return {k: jnp.concatenate([w[k] for w in segments], axis=0) for k in segments[0]}
 
 
-def capacity_ffn(x: jax.Array, weights: dict, *, activation: str) -> jax.Array:
-  """<f>[G, C, d] -> <f>[G, C, d]: each slot's buffer through its own FFN (one batched einsum)."""
+def capacity_ffn(x: jax.Array, weights, *, activation: str) -> jax.Array:
+  """<f>[G, C, d] -> <f>[G, C, d]: each slot's buffer through its own FFN.
+
+  weights: one weight dict [G, ...], or segments as in `grouped_ffn` (one batched einsum per
+  segment over its slots of x, reading the segment's weights in place)."""
+  if not isinstance(weights, dict):
+    parts, first = [], 0
+    for segment in weights:
+      count = segment["wi"].shape[0]
+      parts.append(capacity_ffn(x[first:first + count], segment, activation=activation))
+      first += count
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
   h = jnp.einsum("gcd,gdf->gcf", x, weights["wi"])
   if activation == "relu":
     h = jax.nn.relu(h)
   else:
     h = jax.nn.silu(jnp.einsum("gcd,gdf->gcf", x, weights["wi_gate"])) * h
   return jnp.einsum("gcf,gfd->gcd", h.astype(x.dtype), weights["wo"])
+
+
+def _ragged_dot_segments(x, group_sizes, segments, activation):
+  """One `ragged_dot` FFN per weight segment, each over its own rows; zeros elsewhere, summed.
+
+  A segment's rows start at a traced offset and `ragged_dot` has no row offset, so the rows are
+  rolled to the front and the result rolled back: a copy of the activations <f>[R, d], not of
+  the weights (concatenating home and replica weights copied every expert's weights per call).
+  """
+  if len(segments) == 1:
+    return _ragged_dot_ffn(x, group_sizes, segments[0], activation)
+  y, first, offset = None, 0, jnp.int32(0)
+  rows = jnp.arange(x.shape[0])
+  for weights in segments:
+    count = weights["wi"].shape[0]
+    sizes = group_sizes[first:first + count]
+    part = _ragged_dot_ffn(jnp.roll(x, -offset, axis=0), sizes, weights, activation)
+    part = jnp.where((rows < jnp.sum(sizes))[:, None], part, 0)  # rows of later segments
+    part = jnp.roll(part, offset, axis=0)
+    y = part if y is None else y + part
+    first, offset = first + count, offset + jnp.sum(sizes)
+  return y
 
 
 def _ragged_dot_ffn(x, group_sizes, weights, activation):

@@ -43,10 +43,12 @@ def test_grouped_ffn_matches_per_row(backend, activation, sizes):
 
 
 @pytest.mark.parametrize("backend,bulk,split", [
-    ("windowed", None, 4), ("windowed", True, 1), ("windowed", False, 5), ("dense", None, 4)])
+    ("windowed", None, 4), ("windowed", True, 1), ("windowed", False, 5), ("dense", None, 4),
+    ("ragged_dot", None, 3)])
 def test_weight_segments_match_one_weight_stack(backend, bulk, split):
   """Home experts then replica slots as two weight segments: the same rows as one stack; the
-  windowed backend reads each segment in place (the segment boundary falls mid-window)."""
+  windowed and ragged_dot backends read each segment in place (the segment boundary falls
+  mid-window; ragged_dot rolls the second segment's rows, which start at a traced offset)."""
   sizes = [40, 0, 70, 1, 33, 9]
   x = jax.random.normal(jax.random.key(6), (160, 8))
   w = _weights(len(sizes), 8, 16, False, seed=2)
@@ -57,6 +59,15 @@ def test_weight_segments_match_one_weight_stack(backend, bulk, split):
   got = experts.grouped_ffn(x, jnp.asarray(sizes), segments, **tiling)
   np.testing.assert_allclose(got, _per_row(x, sizes, w, "relu"), rtol=1e-5, atol=1e-5)
   assert np.all(np.asarray(got)[sum(sizes):] == 0)
+
+
+def test_capacity_ffn_segments_match_one_weight_stack():
+  """The capacity path's per-segment einsums equal one einsum over the concatenated weights."""
+  x = jax.random.normal(jax.random.key(7), (6, 5, 8))                      # [G, C, d]
+  w = _weights(6, 8, 16, True, seed=4)
+  segments = [{k: v[:4] for k, v in w.items()}, {k: v[4:] for k, v in w.items()}]
+  np.testing.assert_allclose(experts.capacity_ffn(x, segments, activation="silu"),
+                             experts.capacity_ffn(x, w, activation="silu"), rtol=1e-6, atol=1e-6)
 
 
 WINDOWED_CASES = [

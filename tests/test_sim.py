@@ -68,14 +68,14 @@ def test_prefetch_seconds():
 def test_layer_cost_adds_the_phases_and_takes_the_slowest_row():
   shape = SHAPE.replace(dense_flops_per_token=16.0)
   rows = np.stack([TOKENS, TOKENS[[1, 0, 2, 3]]])      # row 1: expert 1 is the hot one
-  layer = cost.layer_cost(rows, TABLE, 10, shape, CLUSTER)
+  layer = cost.layer_cost(rows, TABLE, 10, shape, CLUSTER, assemble_weights=True)
   # dense 10 * 16 / 32 = 5 s; dispatch = combine = 14 s; gemm: max over rows and devices = 13 s;
   # assembling 3 slots' weights: read + write 2 * 3 * 32 B / 32 B/s = 6 s.
   assert layer.dense_s == pytest.approx(5.0)
   assert layer.dispatch_s == pytest.approx(14.0) and layer.combine_s == pytest.approx(14.0)
   assert layer.gemm_s == pytest.approx(13.0) and layer.assemble_s == pytest.approx(6.0)
   assert layer.time_s == pytest.approx(5 + 14 + 13 + 6 + 14)
-  in_place = cost.layer_cost(rows, TABLE, 10, shape, CLUSTER, assemble_weights=False)
+  in_place = cost.layer_cost(rows, TABLE, 10, shape, CLUSTER)        # the default: in place
   assert in_place.assemble_s == 0 and in_place.time_s == pytest.approx(5 + 14 + 13 + 14)
   assert layer.prefetch_s == pytest.approx(17.0)
   np.testing.assert_allclose(layer.device_tokens, [[13, 7], [13, 7]])
@@ -130,8 +130,8 @@ def test_simulate_unscaled_trace_matches_the_hand_sum():
   # oracle: expert 0 copied to device 1 -> loads 6 + 4 = 10 and 6 + 2 + 2 = 10: ideal speedup 1.6.
   assert out["oracle"].ideal_speedup == pytest.approx(16 / 10)
   assert out["none"].ideal_speedup == pytest.approx(1.0) and out["none"].speedup == 1.0
-  oracle_a2a = 5 * 4 / 2 + 1           # + 6 s assembling 3 slots' weights, + 17 s prefetch
-  assert out["oracle"].mean_step_s == pytest.approx(2 * oracle_a2a + 10 + 6 + 17.0)
+  oracle_a2a = 5 * 4 / 2 + 1           # + 17 s prefetch (weights read in place: no assembly)
+  assert out["oracle"].mean_step_s == pytest.approx(2 * oracle_a2a + 10 + 17.0)
 
 
 def test_resampled_rows_keep_the_mix_and_the_count():
@@ -167,12 +167,25 @@ def test_validation_recosts_measured_runs_with_their_own_tables():
                      "slot_table": copied}}
   modelled = validate.simulate_runs(runs, SHAPE, CLUSTER, tokens_per_device=10)
   assert modelled["none"][0] == pytest.approx(2 * (8 * 4 / 2 + 1) + 16)
-  assert modelled["oracle"][0] == pytest.approx(2 * (5 * 4 / 2 + 1) + 10 + 6 + 17)
+  assert modelled["oracle"][0] == pytest.approx(2 * (5 * 4 / 2 + 1) + 10 + 17)
   rows = validate.compare(runs, modelled)
   assert rows["none"]["error"] == pytest.approx(modelled["none"][0] / 40 - 1)
   assert rows["none"]["error_vs_min"] == rows["none"]["error"]
   assert rows["oracle"]["simulated_speedup"] == pytest.approx(modelled["none"][0]
                                                               / modelled["oracle"][0])
+
+
+def test_validation_of_a_resident_run_moves_only_changed_slots():
+  from moe_jax.sim import validate
+  loads = np.array([[[12.0, 4.0, 2.0, 2.0]]] * 2)                   # two identical steps
+  copied = np.array([[[[0, 1, -1], [2, 3, 0]]]] * 2)
+  runs = {"oracle": {"seconds": np.array([40.0, 40.0]), "tokens_per_expert": loads,
+                     "slot_table": copied}}
+  refetch = validate.simulate_runs(runs, SHAPE, CLUSTER, tokens_per_device=10)["oracle"]
+  resident = validate.simulate_runs(runs, SHAPE, CLUSTER, tokens_per_device=10,
+                                    resident=True)["oracle"]
+  np.testing.assert_allclose(refetch, [49.0, 49.0])
+  np.testing.assert_allclose(resident, [49.0, 49.0 - 17.0])    # step 2 holds expert 0 already
 
 
 def test_resident_replicas_move_only_changed_slots():

@@ -7,9 +7,10 @@ separated by collectives, so each phase lasts as long as its slowest device:
   dispatch  all-to-all of token rows to the devices holding their expert
   gemm      per device max(tokens * FLOPs per choice / FLOP/s, active slots * expert bytes / HBM)
             (a grouped GEMM is compute- or weight-read-bound, whichever is slower: a roofline)
-  assemble  replicating layers only, with `assemble_weights`: moe_jax concatenates the home and
+  assemble  replicating layers only, with `assemble_weights`: concatenating the home and
             replica weights of every slot into one stack per layer, reading and writing
-            (h + r) experts' weights at HBM speed
+            (h + r) experts' weights at HBM speed (what moe_jax did before its grouped matmuls
+            read weight segments in place; kept to show what that costs)
   combine   the reverse all-to-all
 
 An expert's tokens are split evenly over its copies (what moe_jax's permutation does). All-to-all
@@ -141,7 +142,7 @@ def prefetch_seconds(slot_table, shape: ExpertShape, cluster: Cluster, *,
 
 def layer_cost(row_tokens, slot_table, tokens_per_device: float, shape: ExpertShape,
                cluster: Cluster, *, replicating: bool = True, previous_table=None,
-               assemble_weights: bool = True) -> LayerCost:
+               assemble_weights: bool = False) -> LayerCost:
   """Cost of one MoE layer.
 
   Args:
@@ -151,9 +152,10 @@ def layer_cost(row_tokens, slot_table, tokens_per_device: float, shape: ExpertSh
     shape, cluster: the layer and the hardware.
     replicating: whether replicas are prefetched for this layer at all (policy != none).
     previous_table: this layer's table of the previous step, when replicas stay resident between
-      steps (only changed slots move); None: every replica is fetched (what moe_jax does now).
-    assemble_weights: replicating layers copy home + replica weights into one stack (moe_jax
-      today); False models reading them in place.
+      steps (only changed slots move; `ReplicationConfig(resident=True)`); None: every replica is
+      fetched (the library default).
+    assemble_weights: replicating layers copy home + replica weights into one stack; False
+      (moe_jax's grouped matmuls, which read the weight segments in place).
   """
   row_tokens = np.atleast_2d(np.asarray(row_tokens, np.float64))
   choices = tokens_per_device * shape.top_k

@@ -63,14 +63,15 @@ def mesh_axes(num_devices: int, num_experts: int) -> tuple[int, int]:
 def simulate(trace: traces_lib.Trace, shape: ExpertShape, cluster: Cluster, num_devices: int, *,
              policies=policies_lib.POLICIES, tokens_per_device: int | None = None,
              num_replica_slots: int = 2, history_decay: float = 0.8, warmup_steps: int = 1,
-             resident_replicas: bool = False, assemble_weights: bool = True,
+             resident_replicas: bool = False, assemble_weights: bool = False,
              seed: int = 0) -> dict:
   """Simulates every policy on the same (resampled) loads; returns policy -> `PolicyResult`.
 
   `resident_replicas`: each layer's replica slots keep their weights between steps, so a step only
-  moves the replicas whose expert changed (moe_jax today refetches every replica every step).
-  `assemble_weights`: replicating layers copy home + replica weights into one stack (moe_jax
-  today); False models reading them in place.
+  moves the replicas whose expert changed (`ReplicationConfig(resident=True)`, stickiness 0; the
+  library default refetches every replica every step).
+  `assemble_weights`: replicating layers copy home + replica weights into one stack per layer
+  (older moe_jax); False models reading them in place (moe_jax now).
   """
   if shape.num_experts != trace.num_experts:
     raise ValueError(f"shape {shape.name} has {shape.num_experts} experts but the trace has "

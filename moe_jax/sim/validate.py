@@ -23,15 +23,21 @@ def load_runs(path: str) -> dict:
 
 
 def simulate_runs(runs: dict, shape: ExpertShape, cluster: Cluster,
-                  tokens_per_device: float) -> dict:
-  """policy -> <f64>[N] modelled seconds of each measured step (one data row)."""
+                  tokens_per_device: float, *, resident: bool = False) -> dict:
+  """policy -> <f64>[N] modelled seconds of each measured step (one data row).
+
+  resident: the run kept replicas between steps (in run order), so a step moved only the slots
+  whose expert differs from the previous step's table; the first step fetched every replica."""
   out = {}
   for policy, r in runs.items():
-    seconds = []
+    seconds, previous = [], None
     for loads, tables in zip(r["tokens_per_expert"], r["slot_table"]):
       layers = [cost.layer_cost(loads[l][None], tables[l], tokens_per_device, shape, cluster,
-                                replicating=policy != "none") for l in range(loads.shape[0])]
+                                replicating=policy != "none",
+                                previous_table=None if previous is None else previous[l])
+                for l in range(loads.shape[0])]
       seconds.append(cost.step_cost(layers, cluster).time_s)
+      previous = tables if resident else None
     out[policy] = np.array(seconds)
   return out
 

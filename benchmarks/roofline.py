@@ -1,0 +1,165 @@
+"""Lower bounds on the Switch model's time on this machine (used by peer_switch.py).
+
+Any implementation must read every weight a call uses at least once and do the call's FLOPs, so
+its time is at least max(bytes / memory bandwidth, FLOPs / matmul FLOP/s). `decode_measure` puts
+HF's and moe_jax's measured cached-decode step times next to the bandwidth bound;
+`encoder_measure` puts each encoder forward next to max(bandwidth bound, compute bound). HF's time
+over the bound is the most any implementation could gain over HF here at that precision.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def decode_step_bytes(params: dict, batch: int, source_length: int, top_k: int = 1) -> dict:
+  """Bytes one cached greedy decode step must read at least once (any implementation).
+
+  Per decoder block: self-attention q/k/v/o, cross-attention q/o (its k/v were applied to the
+  encoder output once and are cached), the cached cross k/v of `source_length` positions, and
+  the FFN: a dense block's weights, or a sparse block's router plus the experts the batch's
+  tokens choose, estimated as E * (1 - (1 - 1/E)**(B * k)) distinct experts (uniform routing);
+  then the LM head (the shared embedding when tied). The growing self-attention cache and the
+  activations are left out (small at these lengths), so this under-counts.
+  """
+  nbytes = lambda a: int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize
+  total, experts_read = 0, []
+  for block in params["decoder"]["blocks"]:
+    total += sum(nbytes(block["attn"][k]) for k in ("q", "k", "v", "o"))
+    total += sum(nbytes(block["cross"][k]) for k in ("q", "o"))
+    total += 2 * batch * source_length * np.shape(block["cross"]["k"])[1] * 4
+    ff = block["ff"]
+    if "router" in ff:
+      num_experts = np.shape(ff["wi"])[0]
+      distinct = num_experts * (1 - (1 - 1 / num_experts) ** (batch * top_k))
+      per_expert = sum(nbytes(ff[k]) for k in ("wi", "wo", "wi_gate") if k in ff) / num_experts
+      total += nbytes(ff["router"]) + distinct * per_expert
+      experts_read.append(round(distinct, 2))
+    else:
+      total += sum(nbytes(ff[k]) for k in ("wi", "wo", "wi_gate") if k in ff)
+  total += nbytes(params["lm_head"] if "lm_head" in params else params["shared"])
+  return {"bytes": int(total), "distinct_experts_per_sparse_block": experts_read}
+
+
+def decode_measure(rows: list, jax_model, gen_batch, new_tokens: int,
+                   machine: dict) -> dict | None:
+  """Per decode step: measured seconds (generation minus the encoder pass of the same batch,
+  over the new tokens) for HF and moe_jax, next to the memory-bandwidth bound.
+
+  machine: {"memory_bytes_per_s": ...} (see `machine_rates`)."""
+  batch_text = f"{gen_batch[0]}x{gen_batch[1]}"
+  encoder = [r for r in rows if r["what"] == "encoder forward" and r["batch"] == batch_text]
+  if not encoder:
+    return None
+  generation = rows[-1]
+  need = decode_step_bytes(jax_model.params, *gen_batch)
+  bandwidth = machine["memory_bytes_per_s"]
+  bound = need["bytes"] / bandwidth
+  step = lambda who: (generation[f"{who}_s"] - encoder[0][f"{who}_s"]) / new_tokens
+  return {"bytes_per_step": need["bytes"],
+          "distinct_experts_per_sparse_block": need["distinct_experts_per_sparse_block"],
+          "memory_bytes_per_s": bandwidth, "bound_step_s": bound, "hf_step_s": step("hf"),
+          "moe_jax_step_s": step("moe_jax"), "moe_jax_of_bound": bound / step("moe_jax"),
+          "max_speedup_vs_hf_at_bound": step("hf") / bound}
+
+
+def encoder_bytes_flops(params: dict, batch: int, length: int,
+                        experts_hit: list[int]) -> dict:
+  """Bytes an encoder forward of B x L tokens must read at least once, and its FLOPs.
+
+  Per block: attention q/k/v/o (2 T d_in d_out each, plus 4 B H L^2 d_kv for scores and the
+  weighted sum), then a dense FFN (2 T per weight entry) or a sparse one: the router plus the
+  experts the tokens actually chose (`experts_hit[i]` for the i-th sparse block, from the real
+  routing of this batch), with every token through one expert (top-1; k times that for top-k).
+  The embedding rows, norms, relative-position bias and activations are left out: the bound
+  under-counts, so HF / bound over-states what can be gained.
+  """
+  tokens = batch * length
+  size = lambda a: int(np.prod(np.shape(a)))
+  nbytes = lambda a: size(a) * np.dtype(a.dtype).itemsize
+  total_bytes, flops, sparse = 0, 0.0, 0
+  for block in params["encoder"]["blocks"]:
+    attn = block["attn"]
+    total_bytes += sum(nbytes(attn[k]) for k in ("q", "k", "v", "o"))
+    flops += 2.0 * tokens * sum(size(attn[k]) for k in ("q", "k", "v", "o"))
+    inner = np.shape(attn["q"])[1]
+    flops += 4.0 * batch * length * length * inner
+    ff = block["ff"]
+    names = [k for k in ("wi", "wo", "wi_gate") if k in ff]
+    if "router" in ff:
+      num_experts = np.shape(ff["wi"])[0]
+      per_expert_bytes = sum(nbytes(ff[k]) for k in names) / num_experts
+      per_expert_size = sum(size(ff[k]) for k in names) / num_experts
+      total_bytes += nbytes(ff["router"]) + experts_hit[sparse] * per_expert_bytes
+      flops += 2.0 * tokens * (size(ff["router"]) + per_expert_size)
+      sparse += 1
+    else:
+      total_bytes += sum(nbytes(ff[k]) for k in names)
+      flops += 2.0 * tokens * sum(size(ff[k]) for k in names)
+  return {"bytes": int(total_bytes), "flops": flops}
+
+
+def encoder_measure(row: dict, jax_model, batch: int, length: int, experts_hit: list[int],
+                    machine: dict) -> dict:
+  """One encoder row next to max(bytes / bandwidth, FLOPs / matmul FLOP/s).
+
+  machine: {"memory_bytes_per_s": ..., "flops_per_s": ...} from `machine_rates`."""
+  need = encoder_bytes_flops(jax_model.params, batch, length, experts_hit)
+  memory_s = need["bytes"] / machine["memory_bytes_per_s"]
+  compute_s = need["flops"] / machine["flops_per_s"]
+  bound = max(memory_s, compute_s)
+  return {"batch": row["batch"], "bytes": need["bytes"], "flops": need["flops"],
+          "experts_hit_per_sparse_block": list(experts_hit), "memory_bound_s": memory_s,
+          "compute_bound_s": compute_s, "bound_s": bound, "hf_s": row["hf_s"],
+          "moe_jax_s": row["moe_jax_s"], "moe_jax_of_bound": bound / row["moe_jax_s"],
+          "max_speedup_vs_hf_at_bound": row["hf_s"] / bound}
+
+
+def add_bounds(result, jax_model, batches, hit, gen_batch, new_tokens, log):
+  """result["encoder_bounds"] and result["decode_roofline"]: each of peer_switch's measured times
+  (result["timings"]: the encoder rows of `batches`, then generation) next to its lower bound.
+
+  hit: per encoder batch, `encoder_experts_hit` of it."""
+  d_model, d_ff = jax_model.config.d_model, jax_model.config.d_ff
+  machine = machine_rates(d_model, d_ff)
+  result["machine_rates"] = machine
+  rows = result["timings"]
+  result["encoder_bounds"] = [encoder_measure(row, jax_model, b, l, h, machine)
+                              for row, (b, l), h in zip(rows, batches, hit)]
+  for r in result["encoder_bounds"]:
+    log(f"{result['setup']}: encoder {r['batch']} needs >= {r['bytes'] / 1e6:.0f} MB and "
+        f"{r['flops'] / 1e9:.1f} GFLOP (experts hit {r['experts_hit_per_sparse_block']}): bound "
+        f"{r['bound_s'] * 1e3:.1f} ms (memory {r['memory_bound_s'] * 1e3:.1f}, compute "
+        f"{r['compute_bound_s'] * 1e3:.1f}); moe_jax at {r['moe_jax_of_bound'] * 100:.0f}% of "
+        f"it; HF / bound = {r['max_speedup_vs_hf_at_bound']:.2f}x")
+  r = result["decode_roofline"] = decode_measure(rows, jax_model, gen_batch, new_tokens,
+                                                          machine)
+  if r:
+    log(f"{result['setup']}: decode step HF {r['hf_step_s'] * 1e3:.1f} ms, moe_jax "
+        f"{r['moe_jax_step_s'] * 1e3:.1f} ms; reads >= {r['bytes_per_step'] / 1e6:.0f} MB at "
+        f"{r['memory_bytes_per_s'] / 1e9:.1f} GB/s = {r['bound_step_s'] * 1e3:.1f} ms bound "
+        f"(moe_jax at {r['moe_jax_of_bound'] * 100:.0f}% of it; HF / bound = "
+        f"{r['max_speedup_vs_hf_at_bound']:.2f}x is the most any fp32 implementation can gain)")
+
+
+def encoder_experts_hit(jax_model, input_ids, attention_mask) -> list[int]:
+  """Distinct experts the real router sends this batch's tokens to, per encoder sparse block."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from moe_jax.models import switch_stack  # pylint: disable=import-outside-toplevel
+  _, records = switch_stack.encode(jax_model.params, jax_model.config,
+                                   jnp.asarray(input_ids, jnp.int32),
+                                   jnp.asarray(attention_mask, jnp.int32),
+                                   moe_fn=jax_model.moe_fn)
+  hit = []
+  for record in records:
+    chosen = np.asarray(record.expert_index)[np.asarray(record.dispatched)]
+    hit.append(int(np.unique(chosen).size))
+  return hit
+
+
+def machine_rates(d_model: int, d_ff: int) -> dict:
+  """Measured memory bandwidth and dense matmul FLOP/s (an FFN of 1024 tokens at these widths,
+  every core XLA gives one CPU device) on this machine, now."""
+  from moe_jax.sim import fit  # pylint: disable=import-outside-toplevel
+  return {"memory_bytes_per_s": fit.memory_bytes_per_s(repeats=5),
+          "flops_per_s": fit.expert_flops_per_s(1024, d_model, d_ff, repeats=5)}
