@@ -57,6 +57,8 @@ flags.DEFINE_float("mix_scale", 0.1, "scale of the recorded stack's dense sublay
 flags.DEFINE_bool("resident_replicas", False, "replicas stay resident between steps: only "
                   "changed slots move (ReplicationConfig(resident=True)); false: every replica "
                   "is refetched every step (the library default)")
+flags.DEFINE_float("stickiness", 0.0, "with --resident_replicas: a layer keeps its table unless "
+                   "a new one lowers the expected max device load by more than this fraction")
 flags.DEFINE_bool("assemble_weights", False, "replicating layers copy home + replica weights "
                   "into one stack every layer (older moe_jax); false: read in place (moe_jax now)")
 flags.DEFINE_integer("learned_steps", 300, "learned predictor training steps")
@@ -111,6 +113,7 @@ def _simulate_all(cluster) -> dict:
                                     tokens_per_device=FLAGS.tokens_per_device,
                                     num_replica_slots=FLAGS.replica_slots,
                                     resident_replicas=FLAGS.resident_replicas,
+                                    stickiness=FLAGS.stickiness,
                                     assemble_weights=FLAGS.assemble_weights)
                     for n in (int(d) for d in FLAGS.devices)}
     print(f"{key}: trace {trace.num_steps} steps x {trace.num_layers} layers, expert max/mean "
@@ -134,7 +137,8 @@ def _print_results(results: dict, cluster) -> None:
 
 
 def _replica_mode() -> str:
-  fetch = "resident between steps" if FLAGS.resident_replicas else "refetched every step"
+  fetch = (f"resident between steps (stickiness {FLAGS.stickiness})" if FLAGS.resident_replicas
+           else "refetched every step")
   return fetch + (", home + replica weights assembled per layer" if FLAGS.assemble_weights
                   else ", weights read in place")
 
@@ -190,7 +194,7 @@ def main(argv):
   base = os.path.join(FLAGS.out_dir, f"simulate_{stamp}")
   report = dict(flags={k: FLAGS[k].value for k in (
       "tokens_per_device", "replica_slots", "steps", "layers", "skew", "topic_scale", "mix_scale",
-      "resident_replicas", "assemble_weights", "shapes", "devices")}, clusters={})
+      "resident_replicas", "stickiness", "assemble_weights", "shapes", "devices")}, clusters={})
   for name in FLAGS.clusters:
     cluster = sim.CLUSTERS[name]
     results = _simulate_all(cluster)

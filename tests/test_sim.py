@@ -200,3 +200,20 @@ def test_a_replica_moved_to_another_column_of_the_same_device_does_not_move():
   before = np.array([[0, 1, -1, -1], [2, 3, 1, 0]])
   after = np.array([[0, 1, -1, -1], [2, 3, 0, 1]])
   assert cost.prefetch_seconds(after, SHAPE, CLUSTER, previous_table=before) == 0.0
+
+
+def test_sticky_tables_keep_a_table_unless_the_new_one_gains_enough():
+  from moe_jax import placement
+  held = np.array([[0, 1, 2], [2, 3, 0]])                 # replicas of experts 2 and 0
+  fresh = np.array([[0, 1, -1], [2, 3, 0]])               # only expert 0 copied
+  tables = np.stack([held, fresh])[:, None]               # [S=2, L=1, De, h + r]
+  estimate = np.array([[[4.0, 4.0, 1.0, 1.0]], [[6.0, 2.0, 1.0, 1.0]]])
+  # Step 1: held -> device loads 3 + 2 + 0.5 and 0.5 + 1 + 3 (max 5.5); fresh -> 5 and 5: a 9% gain.
+  loads = lambda t: np.asarray(placement.device_load(estimate[1, 0].astype(np.float32), t))
+  assert loads(held).max() == pytest.approx(5.5) and loads(fresh).max() == pytest.approx(5.0)
+  np.testing.assert_array_equal(policies.sticky_tables(tables, estimate, 0.0), tables)
+  np.testing.assert_array_equal(policies.sticky_tables(tables, estimate, 0.05)[1, 0], fresh)
+  np.testing.assert_array_equal(policies.sticky_tables(tables, estimate, 0.2)[1, 0], held)
+  trace = traces.Trace(true_load=estimate, predicted={}, tokens_per_step=20, top_k=1)
+  with pytest.raises(ValueError, match="resident_replicas=True"):
+    sim.simulate(trace, SHAPE.replace(num_experts=4), CLUSTER, 2, stickiness=0.1)

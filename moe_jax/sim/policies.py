@@ -64,6 +64,27 @@ def estimates(policy: str, true_load: np.ndarray, predicted: dict, *,
   return out
 
 
+def sticky_tables(tables: np.ndarray, load_estimates: np.ndarray | None,
+                  stickiness: float) -> np.ndarray:
+  """<int32>[S, L, De, h + r] the tables resident replicas with `stickiness` would hold.
+
+  Step by step, a layer keeps the table it held at the previous step unless the fresh one lowers
+  the expected max device load (under this step's estimate) by more than `stickiness`: the rule
+  of `placement.place(previous_table=..., stickiness=...)`, which `StackRunner` uses.
+  """
+  if load_estimates is None or stickiness <= 0:
+    return tables
+  held = np.array(tables)
+  for s in range(1, held.shape[0]):
+    for l in range(held.shape[1]):
+      load = np.asarray(load_estimates[s, l], np.float32)
+      fresh = float(jnp.max(placement.device_load(load, held[s, l])))
+      kept = float(jnp.max(placement.device_load(load, held[s - 1, l])))
+      if not fresh < (1.0 - stickiness) * kept:
+        held[s, l] = held[s - 1, l]
+  return held
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _place_many(loads, num_devices, num_replica_slots):
   return jax.vmap(lambda load: placement.place(load, num_devices, num_replica_slots))(loads)

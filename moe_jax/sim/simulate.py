@@ -63,16 +63,21 @@ def mesh_axes(num_devices: int, num_experts: int) -> tuple[int, int]:
 def simulate(trace: traces_lib.Trace, shape: ExpertShape, cluster: Cluster, num_devices: int, *,
              policies=policies_lib.POLICIES, tokens_per_device: int | None = None,
              num_replica_slots: int = 2, history_decay: float = 0.8, warmup_steps: int = 1,
-             resident_replicas: bool = False, assemble_weights: bool = False,
-             seed: int = 0) -> dict:
+             resident_replicas: bool = False, stickiness: float = 0.0,
+             assemble_weights: bool = False, seed: int = 0) -> dict:
   """Simulates every policy on the same (resampled) loads; returns policy -> `PolicyResult`.
 
   `resident_replicas`: each layer's replica slots keep their weights between steps, so a step only
   moves the replicas whose expert changed (`ReplicationConfig(resident=True)`, stickiness 0; the
   library default refetches every replica every step).
+  `stickiness` (resident only): a layer keeps its held table unless a fresh one lowers the
+  expected max device load by more than this fraction (`policies.sticky_tables`).
   `assemble_weights`: replicating layers copy home + replica weights into one stack per layer
   (older moe_jax); False models reading them in place (moe_jax now).
   """
+  if stickiness > 0 and not resident_replicas:
+    raise ValueError("stickiness > 0 keeps the previous step's table, which only resident "
+                     "replicas remember: pass resident_replicas=True as well.")
   if shape.num_experts != trace.num_experts:
     raise ValueError(f"shape {shape.name} has {shape.num_experts} experts but the trace has "
                      f"{trace.num_experts}; record a trace with that many experts.")
@@ -84,6 +89,7 @@ def simulate(trace: traces_lib.Trace, shape: ExpertShape, cluster: Cluster, num_
     est = policies_lib.estimates(policy, true_global, trace.predicted, decay=history_decay)
     tables = policies_lib.slot_tables(est, shape.num_experts, expert, num_replica_slots,
                                       true_global.shape[:2])
+    tables = policies_lib.sticky_tables(tables, est, stickiness)
     options = dict(replicating=policy != "none", assemble_weights=assemble_weights)
     steps = [_step(rows[s], tables[s], tokens_per_device, shape, cluster,
                    tables[s - 1] if resident_replicas and s > 0 else None, options)
