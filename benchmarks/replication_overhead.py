@@ -15,6 +15,7 @@ Process 0 prints the median and minimum milliseconds of each. Every gap to `none
 that the balance a replica buys must pay back before replication shows a speedup.
 """
 
+import functools
 import os
 import time
 
@@ -44,8 +45,6 @@ def _programs(cfg, mesh, params, h):
   layers = moe_stack.moe_layers(params)
   home = placement.home_slot_table(cfg.num_experts, 2, cfg.num_replica_slots)
   empty = [moe_layer.empty_replicas(p, cfg, mesh=mesh) for p in layers[moe_stack.STACK]]
-  state = replication.with_resident_replicas(
-      replication.init_state({moe_stack.STACK: len(empty)}, cfg.num_experts), layers, cfg, mesh)
   learned = distributed.from_host(
       [{"w": np.zeros((cfg.d_model, cfg.num_experts), np.float32),
         "b": np.zeros((cfg.num_experts,), np.float32)} for _ in range(len(empty) - 1)], mesh)
@@ -61,24 +60,33 @@ def _programs(cfg, mesh, params, h):
                                  replica_weights=replicas[index], routing=routing)
     return moe_stack.forward(p, h, moe_fn)[0]
 
-  def runner_program(rcfg, **kwargs):
-    @jax.jit
+  def runner_program(rcfg, extras):
+    """A step from a fresh copy of the empty history (so nothing is ever placed); the held
+    tables and replicas thread through, donated, as a server would run it."""
+    @functools.partial(jax.jit, donate_argnums=(2,))
     def run(p, h, state, extras):
-      runner = replication.StackRunner(rcfg, cfg, mesh, moe_stack.moe_layers(p), state,
-                                       **kwargs, **extras)
+      runner = replication.StackRunner(rcfg, cfg, mesh, moe_stack.moe_layers(p), state, **extras)
       return moe_stack.forward(p, h, runner.moe_fn)[0], runner.next_state()
-    return run
 
-  history = runner_program(replication.ReplicationConfig(predictor="history", resident=True,
-                                                         stickiness=0.1))
-  dynamic = runner_program(replication.ReplicationConfig(predictor="dynamic", resident=True,
-                                                         stickiness=0.1))
+    held = [replication.with_resident_replicas(
+        replication.init_state({moe_stack.STACK: len(empty)}, cfg.num_experts), layers, cfg,
+        mesh)]
+    empty_history = held[0].history
+
+    def step():
+      fresh = jax.tree.map(lambda a: a.copy(), empty_history)   # the donated one is consumed
+      out, held[0] = run(params, h, held[0].replace(history=fresh), extras)
+      return out
+    return step
+
   policy = jnp.int32(replication.policy_index("oracle"))
   dyn_extras = dict(learned={moe_stack.STACK: learned}, oracle_loads={moe_stack.STACK: zeros},
                     policy=policy)
+  resident = lambda kind: replication.ReplicationConfig(predictor=kind, resident=True,
+                                                        stickiness=0.1)
   return {"none": lambda: none(params, h), "slots": lambda: slots(params, h, empty),
-          "history": lambda: history(params, h, state, {})[0],
-          "dynamic": lambda: dynamic(params, h, state, dyn_extras)[0]}
+          "history": runner_program(resident("history"), {}),
+          "dynamic": runner_program(resident("dynamic"), dyn_extras)}
 
 
 def main(argv):

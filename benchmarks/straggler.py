@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import _setup  # noqa: E402,F401  (launch-script convention: before anything imports jax)
 
 import datetime  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -115,7 +116,9 @@ def _programs(cfg, mesh):
     return inputs, probs, record.true_loads(probs, cfg.top_k)
 
   def timed(rcfg):
-    @jax.jit
+    # The state is donated: resident replicas pass through to the next state in place (without
+    # donation XLA copies every held replica slot's weights into the output each step).
+    @functools.partial(jax.jit, donate_argnums=(2,))
     def run(params, h, state, learned, oracle, policy):
       kwargs = {}
       if rcfg.predictor in ("learned", "dynamic"):
