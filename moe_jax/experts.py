@@ -300,27 +300,31 @@ def _round_up(value, multiple):
 def _bulk_pass(x, starts, group_sizes, covered, use_bulk, weights, activation, rows):
   """The first `covered[g]` (<= `rows`) rows of every group g through one batched FFN.
 
-  Runs under a `cond` on `use_bulk` (else returns zeros and `covered` is all 0).
+  Runs under a `cond` on `use_bulk` (else returns zeros and `covered` is all 0); the gathers
+  into and out of the [G, C, d] buffers are inside it, so a skipped pass costs nothing but
+  the zeros.
 
   Returns:
     <f>[R, d]: results in the covered rows, zeros elsewhere.
   """
   num_rows, _ = x.shape
   num_groups = group_sizes.shape[0]
-  index = starts[:, None] + jnp.arange(rows)[None, :]                       # [G, C]
-  x_bulk = jnp.take(x, jnp.clip(index, 0, num_rows - 1), axis=0)             # [G, C, d]
 
-  def batched(x_bulk):
-    return capacity_ffn(x_bulk, weights, activation=activation).astype(x_bulk.dtype)
+  def batched(x):
+    index = starts[:, None] + jnp.arange(rows)[None, :]                     # [G, C]
+    x_bulk = jnp.take(x, jnp.clip(index, 0, num_rows - 1), axis=0)           # [G, C, d]
+    y_bulk = capacity_ffn(x_bulk, weights, activation=activation).astype(x.dtype)
+    # Each row reads its result from the bulk, if its group's bulk covered it.
+    row = jnp.arange(num_rows)
+    group = jnp.minimum(jnp.searchsorted(starts + group_sizes, row, side="right"),
+                        num_groups - 1)
+    position = row - starts[group]
+    inside = (position >= 0) & (position < covered[group])
+    flat = jnp.where(inside, group * rows + position, num_groups * rows)
+    return jnp.take(y_bulk.reshape(num_groups * rows, -1), flat, axis=0, mode="fill",
+                    fill_value=0)
 
-  y_bulk = jax.lax.cond(use_bulk, batched, jnp.zeros_like, x_bulk)          # [G, C, d]
-  # Each row reads its result from the bulk, if its group's bulk covered it.
-  row = jnp.arange(num_rows)
-  group = jnp.minimum(jnp.searchsorted(starts + group_sizes, row, side="right"), num_groups - 1)
-  position = row - starts[group]
-  inside = (position >= 0) & (position < covered[group])
-  flat = jnp.where(inside, group * rows + position, num_groups * rows)
-  return jnp.take(y_bulk.reshape(num_groups * rows, -1), flat, axis=0, mode="fill", fill_value=0)
+  return jax.lax.cond(use_bulk, batched, jnp.zeros_like, x)                 # [R, d]
 
 
 def _window_loop(x, out, weights, activation, *, starts, windows, window, group_end):
