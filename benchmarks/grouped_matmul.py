@@ -14,6 +14,9 @@ multinomial with Zipf(--zipf) popularity), contenders run in interleaved rounds 
                  experts' weights read once, in place; shown for the sparse regime),
   capacity       a capacity-factor einsum, C = ceil(1.25 T / E) rows per expert: fast but drops
                  the overflow (its drop rate is printed), so not a like-for-like contender.
+  torch          (opt-in: add it to --contenders; needs torch) one torch matmul pair per
+                 non-empty group, as transformers' Switch expert loop runs them (MKL/oneDNN
+                 sgemm), float32 only: how far XLA:CPU's own GEMM is from torch's at these sizes.
 Every exact contender is checked against a numpy per-group reference before it is timed.
 
 Results: a table on stdout and benchmarks/results/grouped_matmul_<date>_<host>.json.
@@ -25,6 +28,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the torch contender: see peer_switch.py
 
 import time  # noqa: E402
 
@@ -142,6 +146,25 @@ def contender_fns(num_rows, num_groups, max_group):
   }
 
 
+def torch_contender(x, sizes, weights):
+  """() -> <f32>[R, d] numpy: relu(x_g wi_g) wo_g per non-empty group g with torch (inputs
+  converted once, outside the timed call)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  wi = torch.from_numpy(np.array(weights["wi"], np.float32))   # writable copies for torch
+  wo = torch.from_numpy(np.array(weights["wo"], np.float32))
+  rows = torch.from_numpy(np.array(x, np.float32))
+  bounds = np.concatenate([[0], np.cumsum(sizes)])
+
+  def run():
+    out = torch.zeros_like(rows)
+    with torch.inference_mode():
+      for g in np.flatnonzero(sizes):
+        lo, hi = bounds[g], bounds[g + 1]
+        out[lo:hi] = torch.relu(rows[lo:hi] @ wi[g]) @ wo[g]
+    return out.numpy()
+  return run
+
+
 def run_case(num_rows, num_groups, load, *, names, rounds, slow_s, dtype, weights, log=print):
   sizes = group_sizes(num_rows, num_groups, load, zipf=FLAGS.zipf)
   rng = np.random.default_rng(1)
@@ -152,6 +175,12 @@ def run_case(num_rows, num_groups, load, *, names, rounds, slow_s, dtype, weight
   args = (jnp.asarray(x, dtype), jnp.asarray(sizes), weights)
   fns = {k: v for k, v in contender_fns(num_rows, num_groups, int(sizes.max())).items()
          if k in names}
+  if "torch" in names:
+    if dtype != jnp.float32:
+      raise app.UsageError("the torch contender runs float32 only; drop it or use "
+                           "--dtype=float32.")
+    run_torch = torch_contender(x, sizes, weights)
+    fns["torch"] = lambda *_: run_torch()
   result = {"rows": num_rows, "experts": num_groups, "load": load,
             "max_group": int(sizes.max()), "min_group": int(sizes.min()), "contenders": {}}
   once = set()
