@@ -124,3 +124,9 @@ def test_bad_input_is_one_line(args, message):
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and message in errors[0], proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_simulate_refuses_stickiness_without_resident_replicas():
+  proc = _run("simulate.py", "--stickiness=0.1", check=False)
+  assert proc.returncode == 2 and "add --resident_replicas" in proc.stderr
+  assert "Traceback" not in proc.stderr
