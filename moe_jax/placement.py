@@ -153,10 +153,18 @@ def place(load: jax.Array, num_devices: int, num_replica_slots: int, *,
   state = (table, holds, jnp.zeros((num_devices,), jnp.int32))
   table = jax.lax.fori_loop(0, num_devices * num_replica_slots, step, state)[0]
   if previous_table is not None and stickiness > 0:
-    new_max = jnp.max(device_load(load, table))
-    old_max = jnp.max(device_load(load, previous_table))
-    table = jnp.where(new_max < (1.0 - stickiness) * old_max, table, previous_table)
+    table = sticky_choice(load, table, previous_table, stickiness)
   return table
+
+
+def sticky_choice(load: jax.Array, table: jax.Array, previous_table: jax.Array,
+                  stickiness: float) -> jax.Array:
+  """`table` if it lowers the expected max device load under `load` by more than the fraction
+  `stickiness` against `previous_table`, else `previous_table` (whose replicas are already held).
+  """
+  new_max = jnp.max(device_load(load, table))
+  old_max = jnp.max(device_load(load, previous_table))
+  return jnp.where(new_max < (1.0 - stickiness) * old_max, table, previous_table)
 
 
 def balancedness(tokens_per_device) -> jax.Array:

@@ -69,20 +69,23 @@ def sticky_tables(tables: np.ndarray, load_estimates: np.ndarray | None,
   """<int32>[S, L, De, h + r] the tables resident replicas with `stickiness` would hold.
 
   Step by step, a layer keeps the table it held at the previous step unless the fresh one lowers
-  the expected max device load (under this step's estimate) by more than `stickiness`: the rule
-  of `placement.place(previous_table=..., stickiness=...)`, which `StackRunner` uses.
+  the expected max device load (under this step's estimate) by more than `stickiness`:
+  `placement.sticky_choice`, the rule `placement.place` (and so `StackRunner`) applies.
   """
   if load_estimates is None or stickiness <= 0:
     return tables
   held = np.array(tables)
+  loads = np.asarray(load_estimates, np.float32)
   for s in range(1, held.shape[0]):
-    for l in range(held.shape[1]):
-      load = np.asarray(load_estimates[s, l], np.float32)
-      fresh = float(jnp.max(placement.device_load(load, held[s, l])))
-      kept = float(jnp.max(placement.device_load(load, held[s - 1, l])))
-      if not fresh < (1.0 - stickiness) * kept:
-        held[s, l] = held[s - 1, l]
+    held[s] = np.asarray(_sticky_layers(loads[s], held[s], held[s - 1], stickiness))
   return held
+
+
+@jax.jit
+def _sticky_layers(loads, tables, previous, stickiness):
+  """`placement.sticky_choice` for every layer of one step: [L, E], [L, De, S] x 2 -> [L, De, S]."""
+  return jax.vmap(placement.sticky_choice, in_axes=(0, 0, 0, None))(loads, tables, previous,
+                                                                    stickiness)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
