@@ -132,8 +132,7 @@ def add_bounds(result, jax_model, batches, hit, gen_batch, new_tokens, log):
         f"{r['bound_s'] * 1e3:.1f} ms (memory {r['memory_bound_s'] * 1e3:.1f}, compute "
         f"{r['compute_bound_s'] * 1e3:.1f}); moe_jax at {r['moe_jax_of_bound'] * 100:.0f}% of "
         f"it; HF / bound = {r['max_speedup_vs_hf_at_bound']:.2f}x")
-  r = result["decode_roofline"] = decode_measure(rows, jax_model, gen_batch, new_tokens,
-                                                          machine)
+  r = result["decode_roofline"] = decode_measure(rows, jax_model, gen_batch, new_tokens, machine)
   if r:
     log(f"{result['setup']}: decode step HF {r['hf_step_s'] * 1e3:.1f} ms, moe_jax "
         f"{r['moe_jax_step_s'] * 1e3:.1f} ms; reads >= {r['bytes_per_step'] / 1e6:.0f} MB at "

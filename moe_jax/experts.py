@@ -79,14 +79,13 @@ def grouped_ffn(x: jax.Array, group_sizes: jax.Array, weights, *, activation: st
     backend = default_backend()
   group_sizes = group_sizes.astype(jnp.int32)
   segments = [weights] if isinstance(weights, dict) else list(weights)
-  if len(segments) > 1 and backend == "windowed":
-    y = _windowed_segments(x, group_sizes, segments, activation, window=window,
-                           tail_window=tail_window, bulk=bulk)
-  elif backend == "ragged_dot":
-    y = _ragged_dot_segments(x, group_sizes, segments, activation)
+  if backend == "ragged_dot":
+    y = _per_segment(group_sizes, segments, lambda sizes, w, offset: _ragged_dot_at(
+        x, sizes, w, offset, activation))
   elif backend == "windowed":
-    y = _windowed_ffn(x, group_sizes, segments[0], activation, window=window,
-                      tail_window=tail_window, bulk=bulk)
+    y = _per_segment(group_sizes, segments, lambda sizes, w, offset: _windowed_ffn(
+        x, sizes, w, activation, window=window, tail_window=tail_window, bulk=bulk,
+        row_offset=offset))
   elif backend == "dense":
     y = _dense_ffn(x, group_sizes, concat_segments(segments), activation)
   else:
@@ -123,26 +122,34 @@ def capacity_ffn(x: jax.Array, weights, *, activation: str) -> jax.Array:
   return jnp.einsum("gcf,gfd->gcd", h.astype(x.dtype), weights["wo"])
 
 
-def _ragged_dot_segments(x, group_sizes, segments, activation):
-  """One `ragged_dot` FFN per weight segment, each over its own rows; zeros elsewhere, summed.
+def _per_segment(group_sizes, segments, run):
+  """Sum over weight segments of `run(sizes, weights, offset)` -> <f>[R, d].
 
-  A segment's rows start at a traced offset and `ragged_dot` has no row offset, so the rows are
-  rolled to the front and the result rolled back: a copy of the activations <f>[R, d], not of
-  the weights (concatenating home and replica weights copied every expert's weights per call).
-  """
-  if len(segments) == 1:
-    return _ragged_dot_ffn(x, group_sizes, segments[0], activation)
-  y, first, offset = None, 0, jnp.int32(0)
-  rows = jnp.arange(x.shape[0])
+  Segment i owns the next `len(weights["wi"])` entries of `group_sizes`, and its rows start at
+  `offset`, right after segment i - 1's rows (0, a Python int, for the first). `run` must return
+  zeros outside its segment's rows. Reading each segment in place avoids concatenating their
+  weights (a copy of every expert's weights per call)."""
+  y, first, offset = None, 0, 0
   for weights in segments:
     count = weights["wi"].shape[0]
     sizes = group_sizes[first:first + count]
-    part = _ragged_dot_ffn(jnp.roll(x, -offset, axis=0), sizes, weights, activation)
-    part = jnp.where((rows < jnp.sum(sizes))[:, None], part, 0)  # rows of later segments
-    part = jnp.roll(part, offset, axis=0)
+    part = run(sizes, weights, offset)
     y = part if y is None else y + part
     first, offset = first + count, offset + jnp.sum(sizes)
   return y
+
+
+def _ragged_dot_at(x, group_sizes, weights, offset, activation):
+  """`ragged_dot` FFN of groups whose rows start at `offset`; zeros in every other row.
+
+  `ragged_dot` has no row offset, so a traced offset rolls the rows to the front and the result
+  back: a copy of the activations <f>[R, d], not of the weights.
+  """
+  shifted = isinstance(offset, jax.Array)
+  y = _ragged_dot_ffn(jnp.roll(x, -offset, axis=0) if shifted else x, group_sizes, weights,
+                      activation)
+  y = jnp.where((jnp.arange(x.shape[0]) < jnp.sum(group_sizes))[:, None], y, 0)
+  return jnp.roll(y, offset, axis=0) if shifted else y
 
 
 def _ragged_dot_ffn(x, group_sizes, weights, activation):
@@ -166,20 +173,6 @@ def _dense_ffn(x, group_sizes, weights, activation):
 
 def _gate(weights, g):
   return weights["wi_gate"][g] if "wi_gate" in weights else None
-
-
-def _windowed_segments(x, group_sizes, segments, activation, **tiling):
-  """Each weight segment over its own rows (they follow one another); zeros elsewhere, summed.
-
-  Avoids concatenating the segments' weights (a copy of every expert's weights per call)."""
-  y, first, offset = None, 0, jnp.int32(0)
-  for weights in segments:
-    count = weights["wi"].shape[0]
-    sizes = group_sizes[first:first + count]
-    part = _windowed_ffn(x, sizes, weights, activation, row_offset=offset, **tiling)
-    y = part if y is None else y + part
-    first, offset = first + count, offset + jnp.sum(sizes)
-  return y
 
 
 def _windowed_ffn(x, group_sizes, weights, activation, *, window, tail_window, bulk,
