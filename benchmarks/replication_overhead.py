@@ -21,8 +21,9 @@ import time
 
 from absl import app, flags
 
-from moe_jax import distributed
+from moe_jax import distributed, host_memory
 
+host_memory.reuse_freed_memory()   # as launch/_setup.py does for every launch script
 FLAGS = flags.FLAGS
 distributed.define_flags()
 flags.DEFINE_integer("replica_slots", 2, "replica slots per device")

@@ -83,16 +83,14 @@ def grouped_ffn(x: jax.Array, group_sizes: jax.Array, weights, *, activation: st
     y = _per_segment(group_sizes, segments, lambda sizes, w, offset: _ragged_dot_at(
         x, sizes, w, offset, activation))
   elif backend == "windowed":
-    y = _per_segment(group_sizes, segments, lambda sizes, w, offset: _windowed_ffn(
-        x, sizes, w, activation, window=window, tail_window=tail_window, bulk=bulk,
-        row_offset=offset))
+    y = _windowed_ffn(x, group_sizes, segments, activation, window=window,
+                      tail_window=tail_window, bulk=bulk)
   elif backend == "dense":
     y = _dense_ffn(x, group_sizes, concat_segments(segments), activation)
   else:
     raise ValueError(f"unknown grouped-matmul backend {backend!r}; use 'auto', 'ragged_dot', "
                      "'windowed' or 'dense'.")
-  valid = jnp.arange(x.shape[0]) < jnp.sum(group_sizes)
-  return jnp.where(valid[:, None], y, 0).astype(x.dtype)
+  return y.astype(x.dtype)   # every backend leaves rows past sum(group_sizes) zero
 
 
 def concat_segments(segments) -> dict:
@@ -122,21 +120,26 @@ def capacity_ffn(x: jax.Array, weights, *, activation: str) -> jax.Array:
   return jnp.einsum("gcf,gfd->gcd", h.astype(x.dtype), weights["wo"])
 
 
-def _per_segment(group_sizes, segments, run):
-  """Sum over weight segments of `run(sizes, weights, offset)` -> <f>[R, d].
+def _segments(group_sizes, segments):
+  """Yields (sizes, weights, offset) per weight segment.
 
   Segment i owns the next `len(weights["wi"])` entries of `group_sizes`, and its rows start at
-  `offset`, right after segment i - 1's rows (0, a Python int, for the first). `run` must return
-  zeros outside its segment's rows. Reading each segment in place avoids concatenating their
-  weights (a copy of every expert's weights per call)."""
-  y, first, offset = None, 0, 0
+  `offset`, right after segment i - 1's rows (0, a Python int, for the first). Reading each
+  segment in place avoids concatenating their weights (a copy of every expert's weights per
+  call)."""
+  first, offset = 0, 0
   for weights in segments:
     count = weights["wi"].shape[0]
     sizes = group_sizes[first:first + count]
-    part = run(sizes, weights, offset)
-    y = part if y is None else y + part
+    yield sizes, weights, offset
     first, offset = first + count, offset + jnp.sum(sizes)
-  return y
+
+
+def _per_segment(group_sizes, segments, run):
+  """Sum over weight segments of `run(sizes, weights, offset)` -> <f>[R, d]; `run` must return
+  zeros outside its segment's rows."""
+  parts = [run(*segment) for segment in _segments(group_sizes, segments)]
+  return sum(parts[1:], parts[0])
 
 
 def _ragged_dot_at(x, group_sizes, weights, offset, activation):
@@ -175,10 +178,24 @@ def _gate(weights, g):
   return weights["wi_gate"][g] if "wi_gate" in weights else None
 
 
-def _windowed_ffn(x, group_sizes, weights, activation, *, window, tail_window, bulk,
-                  row_offset=0):
-  """Groups of `group_sizes` starting at row `row_offset`; zeros in every other row."""
+def _windowed_ffn(x, group_sizes, segments, activation, *, window, tail_window, bulk):
+  """All weight segments' groups through one output buffer; zeros past sum(group_sizes).
+
+  The rows are padded once and every segment writes its rows into the same output in place (a
+  per-segment buffer would cost a few [R, d] passes each: measurable next to a small FFN).
+  """
   num_rows, _ = x.shape
+  x_padded = jnp.pad(x, ((0, window), (0, 0)))     # a window at any valid row stays in bounds
+  out = jnp.zeros_like(x_padded)
+  for sizes, weights, offset in _segments(group_sizes, segments):
+    out = _windowed_segment(x_padded, out, sizes, weights, activation, num_rows=num_rows,
+                            row_offset=offset, window=window, tail_window=tail_window, bulk=bulk)
+  return out[:num_rows]
+
+
+def _windowed_segment(x, out, group_sizes, weights, activation, *, num_rows, row_offset, window,
+                      tail_window, bulk):
+  """Writes the FFN of one segment's groups (rows from `row_offset`) into `out` <f>[R + W, d]."""
   plan = window_plan(num_rows, group_sizes.shape[0], window=window, tail_window=tail_window)
   starts = row_offset + jnp.cumsum(group_sizes) - group_sizes
   # 1. The bulk: the first `plan.bulk_rows` rows of every group through one batched FFN, when the
@@ -188,15 +205,12 @@ def _windowed_ffn(x, group_sizes, weights, activation, *, window, tail_window, b
   else:
     use_bulk = jnp.asarray(bool(bulk))
   covered = jnp.where(use_bulk, jnp.minimum(group_sizes, plan.bulk_rows), 0)   # [G]
-  out = _bulk_pass(x, starts, group_sizes, covered, use_bulk, weights, activation,
-                   plan.bulk_rows)                                               # [R, d]
-  # Pad so a window starting at any valid row never reads or writes past the end.
-  x_padded = jnp.pad(x, ((0, plan.window), (0, 0)))
-  out = jnp.pad(out, ((0, plan.window), (0, 0)))
+  out = _bulk_pass(x, out, starts, covered, use_bulk, weights, activation, plan.bulk_rows,
+                   num_rows)
   # 2. Whole windows of the rest of each group, straight out of the sorted rows.
   rest = group_sizes - covered
   full = rest // plan.window
-  out = _window_loop(x_padded, out, weights, activation, starts=starts + covered, windows=full,
+  out = _window_loop(x, out, weights, activation, starts=starts + covered, windows=full,
                      window=plan.window, group_end=None)
   # 3. Each group's remainder in one masked window, the smallest tile of the ladder that holds it.
   remainder = rest - full * plan.window
@@ -204,9 +218,9 @@ def _windowed_ffn(x, group_sizes, weights, activation, *, window, tail_window, b
   tile_index = _tile_index(remainder, plan.tiles)
   for k, tile in enumerate(plan.tiles):
     count = ((remainder > 0) & (tile_index == k)).astype(jnp.int32)
-    out = _window_loop(x_padded, out, weights, activation, starts=tail_start, windows=count,
+    out = _window_loop(x, out, weights, activation, starts=tail_start, windows=count,
                        window=tile, group_end=starts + group_sizes)
-  return out[:num_rows]
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,34 +304,28 @@ def _round_up(value, multiple):
   return int(max(multiple, math.ceil(value / multiple) * multiple))
 
 
-def _bulk_pass(x, starts, group_sizes, covered, use_bulk, weights, activation, rows):
-  """The first `covered[g]` (<= `rows`) rows of every group g through one batched FFN.
+def _bulk_pass(x, out, starts, covered, use_bulk, weights, activation, rows, num_rows):
+  """Writes the first `covered[g]` (<= `rows`) rows of every group g through one batched FFN.
 
-  Runs under a `cond` on `use_bulk` (else returns zeros and `covered` is all 0); the gathers
-  into and out of the [G, C, d] buffers are inside it, so a skipped pass costs nothing but
-  the zeros.
+  Runs under a `cond` on `use_bulk` (else `out` passes through and `covered` is all 0); the
+  gather into and the scatter out of the [G, C, d] buffers are inside it, so a skipped pass
+  costs nothing.
+
+  Args:
+    x, out: <f>[R + W, d] padded rows and the output being filled.
+    starts, covered: <int32>[G] each group's first row and the rows the pass takes from it.
 
   Returns:
-    <f>[R, d]: results in the covered rows, zeros elsewhere.
+    `out` with the covered rows written.
   """
-  num_rows, _ = x.shape
-  num_groups = group_sizes.shape[0]
-
-  def batched(x):
+  def batched(out):
     index = starts[:, None] + jnp.arange(rows)[None, :]                     # [G, C]
     x_bulk = jnp.take(x, jnp.clip(index, 0, num_rows - 1), axis=0)           # [G, C, d]
-    y_bulk = capacity_ffn(x_bulk, weights, activation=activation).astype(x.dtype)
-    # Each row reads its result from the bulk, if its group's bulk covered it.
-    row = jnp.arange(num_rows)
-    group = jnp.minimum(jnp.searchsorted(starts + group_sizes, row, side="right"),
-                        num_groups - 1)
-    position = row - starts[group]
-    inside = (position >= 0) & (position < covered[group])
-    flat = jnp.where(inside, group * rows + position, num_groups * rows)
-    return jnp.take(y_bulk.reshape(num_groups * rows, -1), flat, axis=0, mode="fill",
-                    fill_value=0)
+    y_bulk = capacity_ffn(x_bulk, weights, activation=activation).astype(out.dtype)
+    target = jnp.where(jnp.arange(rows)[None, :] < covered[:, None], index, out.shape[0])
+    return out.at[target.reshape(-1)].set(y_bulk.reshape(-1, out.shape[1]), mode="drop")
 
-  return jax.lax.cond(use_bulk, batched, jnp.zeros_like, x)                 # [R, d]
+  return jax.lax.cond(use_bulk, batched, lambda out: out, out)
 
 
 def _window_loop(x, out, weights, activation, *, starts, windows, window, group_end):

@@ -57,3 +57,14 @@ def is_cpu(mesh: Mesh) -> bool:
   """Whether the mesh's devices are CPUs (whose collectives are synchronous: see
   `collectives.in_order`)."""
   return mesh.devices.flat[0].platform == "cpu"
+
+
+def on_every_device(fn, mesh: Mesh):
+  """`fn` computed whole on every device of `mesh`: its inputs and outputs are replicated.
+
+  For the small replicated bookkeeping of a layer (load estimates, slot tables). Left to sharding
+  propagation, such an op may be split over an axis and gathered back: a collective, i.e. a
+  device-wide sync point, for a few dozen integers (~4 ms each on XLA:CPU across processes).
+  """
+  spec = jax.sharding.PartitionSpec()
+  return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)

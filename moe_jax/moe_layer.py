@@ -83,11 +83,17 @@ def expert_weights(params: dict) -> dict:
 
 def place(load: jax.Array, cfg: MoEConfig, *, mesh, previous_table=None,
           stickiness: float = 0.0) -> jax.Array:
-  """Slot table <int32>[De, h + r] balancing the per-expert `load` <f32>[E] over the mesh."""
+  """Slot table <int32>[De, h + r] balancing the per-expert `load` <f32>[E] over the mesh.
+
+  Computed whole on every device (`mesh.on_every_device`), so inside a jitted step it costs no
+  collective beyond what makes `load` replicated."""
   _, num_devices = mesh_lib.axis_sizes(mesh)
   _check_experts_fit(cfg, num_devices)
-  return placement.place(load, num_devices, cfg.num_replica_slots,
-                         previous_table=previous_table, stickiness=stickiness)
+  run = lambda load, previous: placement.place(load, num_devices, cfg.num_replica_slots,
+                                               previous_table=previous, stickiness=stickiness)
+  if previous_table is None:
+    return mesh_lib.on_every_device(lambda load: run(load, None), mesh)(load)
+  return mesh_lib.on_every_device(run, mesh)(load, jnp.asarray(previous_table, jnp.int32))
 
 
 def prefetch(params: dict, slot_table: jax.Array, cfg: MoEConfig, *, mesh) -> dict:
@@ -135,9 +141,14 @@ def refresh(params: dict, slot_table: jax.Array, held_table: jax.Array, held_wei
   """
   num_data, num_devices = mesh_lib.axis_sizes(mesh)
   h = cfg.num_experts // num_devices
-  slot_table = jnp.asarray(slot_table, jnp.int32)
-  changed = (slot_table != jnp.asarray(held_table, jnp.int32))[:, h:]         # [De, r]
-  fetch_table = slot_table.at[:, h:].set(jnp.where(changed, slot_table[:, h:], -1))
+
+  def diff(slot_table, held_table):
+    changed = slot_table[:, h:] != held_table[:, h:]                           # [De, r]
+    fetch = slot_table.at[:, h:].set(jnp.where(changed, slot_table[:, h:], -1))
+    return changed, fetch, jnp.any(changed)
+
+  changed, fetch_table, any_changed = mesh_lib.on_every_device(diff, mesh)(
+      jnp.asarray(slot_table, jnp.int32), jnp.asarray(held_table, jnp.int32))
   home = expert_weights(params)
 
   def fetch_changed():
@@ -147,7 +158,7 @@ def refresh(params: dict, slot_table: jax.Array, held_table: jax.Array, held_wei
             for k, w in fetched.items()}
 
   if _exchange_mode(cfg) == "padded":
-    weights = jax.lax.cond(jnp.any(changed), fetch_changed, lambda: dict(held_weights))
+    weights = jax.lax.cond(any_changed, fetch_changed, lambda: dict(held_weights))
   else:
     weights = fetch_changed()
   return weights, replica_bytes(fetch_table, params, h) * num_data

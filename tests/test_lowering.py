@@ -1,9 +1,13 @@
 """What gets lowered: the ragged collective on request, the padded fallback on CPU by default."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 
 import moe_jax
+from moe_jax import replication
+from moe_jax.models import moe_stack
 from tests import helpers
 
 
@@ -32,3 +36,36 @@ def test_cpu_default_uses_padded_all_to_all_and_no_ragged_ops():
   assert "all_to_all" in text
   assert "ragged_all_to_all" not in text
   assert "ragged_dot" not in _lowered_text(cfg, moe_jax.make_mesh(2, 4), jaxpr=True)
+
+
+def _collectives(compiled_text):
+  """Counts of all-gather and all-reduce ops in compiled HLO (all-to-alls excluded: the replica
+  prefetch adds its own, inside its `cond`)."""
+  ops = re.findall(r"\ball-(gather|reduce)(?:-start)?\(", compiled_text)
+  return {kind: ops.count(kind) for kind in ("gather", "reduce")}
+
+
+def test_replica_placement_adds_no_collective_to_the_stack():
+  """History placement with resident replicas runs on every device whole (`on_every_device`):
+  left to sharding propagation, its [De, h + r] tables were split over 'expert' and gathered back,
+  two extra all-gathers per layer plus an all-reduce, each a device-wide sync point."""
+  cfg = moe_jax.MoEConfig(num_experts=8, d_model=16, d_ff=32, num_replica_slots=2)
+  mesh = moe_jax.make_mesh(1, 2)
+  params = moe_stack.init(jax.random.key(0), cfg, 3)
+  h = helpers.skewed_tokens(cfg, 4, 8)
+
+  def compiled(rcfg):
+    state = replication.init_state({moe_stack.STACK: 3}, cfg.num_experts)
+    if rcfg.resident:
+      state = replication.with_resident_replicas(state, moe_stack.moe_layers(params), cfg, mesh)
+
+    def step(params, h, state):
+      runner = replication.StackRunner(rcfg, cfg, mesh, moe_stack.moe_layers(params), state)
+      return moe_stack.forward(params, h, runner.moe_fn)[0], runner.next_state()
+    return jax.jit(step).lower(params, h, state).compile().as_text()
+
+  none = _collectives(compiled(replication.ReplicationConfig()))
+  history = _collectives(compiled(replication.ReplicationConfig(
+      predictor="history", resident=True, stickiness=0.1)))
+  assert none["gather"] > 0, none        # the layers' own count all-gathers are seen
+  assert history == none
