@@ -23,7 +23,8 @@ from absl import app, flags
 
 from moe_jax import distributed, host_memory
 
-host_memory.reuse_freed_memory()   # as launch/_setup.py does for every launch script
+if os.environ.get("MOE_JAX_SYSTEM_MALLOC", "") in ("", "0"):   # as launch/_setup.py does
+  host_memory.reuse_freed_memory()
 FLAGS = flags.FLAGS
 distributed.define_flags()
 flags.DEFINE_integer("replica_slots", 2, "replica slots per device")

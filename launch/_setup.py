@@ -25,8 +25,10 @@ def _reuse_freed_memory() -> None:
 
 
 # Before jax allocates anything: XLA:CPU's per-call buffers reuse freed memory instead of
-# page-faulting fresh mmaps on every call (see moe_jax/host_memory.py).
-_reuse_freed_memory()
+# page-faulting fresh mmaps on every call (see moe_jax/host_memory.py). MOE_JAX_SYSTEM_MALLOC=1
+# keeps glibc's defaults (resident memory then shrinks after peaks).
+if os.environ.get("MOE_JAX_SYSTEM_MALLOC", "") in ("", "0"):
+  _reuse_freed_memory()
 
 
 def simulate_cpu_devices(count: int | None = None) -> None:

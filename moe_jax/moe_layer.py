@@ -125,8 +125,10 @@ def refresh(params: dict, slot_table: jax.Array, held_table: jax.Array, held_wei
   """Replica weights for `slot_table`, reusing the replicas already held for `held_table`.
 
   Only replica slots whose expert changed are fetched: with the ragged exchange (GPU/TPU) the
-  others move no bytes, and on the padded CPU fallback the exchange is skipped entirely when no
-  slot changed (a `lax.cond`; its predicate is the replicated table, so every device agrees).
+  others move no bytes; on the padded CPU fallback each replica column is exchanged on its own,
+  under a `lax.cond` that skips it when no device's slot in that column changed (the predicate
+  comes from the replicated tables, so every device agrees), so a refresh of one slot moves one
+  column of cells instead of all r.
   `held_weights` must be what `prefetch`/`refresh` returned for `held_table` with these same
   `params`: resident replicas are copies, so start again from empty slots when params change.
 
@@ -145,23 +147,36 @@ def refresh(params: dict, slot_table: jax.Array, held_table: jax.Array, held_wei
   def diff(slot_table, held_table):
     changed = slot_table[:, h:] != held_table[:, h:]                           # [De, r]
     fetch = slot_table.at[:, h:].set(jnp.where(changed, slot_table[:, h:], -1))
-    return changed, fetch, jnp.any(changed)
+    return changed, fetch, jnp.any(changed, axis=0)
 
-  changed, fetch_table, any_changed = mesh_lib.on_every_device(diff, mesh)(
+  changed, fetch_table, column_changed = mesh_lib.on_every_device(diff, mesh)(
       jnp.asarray(slot_table, jnp.int32), jnp.asarray(held_table, jnp.int32))
   home = expert_weights(params)
+  fetched_bytes = replica_bytes(fetch_table, params, h) * num_data
+  if _exchange_mode(cfg) != "padded":
+    return _merge_fetched(held_weights, _prefetch_jit(home, fetch_table, cfg=cfg, mesh=mesh),
+                          changed, slice(None)), fetched_bytes
+  weights = dict(held_weights)
+  for c in range(cfg.num_replica_slots):
+    def fetch_column(weights, c=c):
+      column_table = jnp.concatenate([fetch_table[:, :h], fetch_table[:, h + c:h + c + 1]], 1)
+      fetched = _prefetch_jit(home, column_table, cfg=cfg, mesh=mesh)        # {k: [De, ...]}
+      return _merge_fetched(weights, fetched, changed[:, c:c + 1], slice(c, c + 1))
+    weights = jax.lax.cond(column_changed[c], fetch_column, lambda weights: weights, weights)
+  return weights, fetched_bytes
 
-  def fetch_changed():
-    fetched = _prefetch_jit(home, fetch_table, cfg=cfg, mesh=mesh)
-    keep = changed.reshape(-1)                                                # [De * r]
-    return {k: jnp.where(keep.reshape((-1,) + (1,) * (w.ndim - 1)), fetched[k], held_weights[k])
-            for k, w in fetched.items()}
 
-  if _exchange_mode(cfg) == "padded":
-    weights = jax.lax.cond(any_changed, fetch_changed, lambda: dict(held_weights))
-  else:
-    weights = fetch_changed()
-  return weights, replica_bytes(fetch_table, params, h) * num_data
+def _merge_fetched(held: dict, fetched: dict, changed: jax.Array, columns: slice) -> dict:
+  """`held` {k: [De * r, ...]} with its replica `columns` replaced by `fetched` {k: [De * c, ...]}
+  where `changed` <bool>[De, c] (c = the columns' count)."""
+  out = {}
+  for k, w in held.items():
+    num_devices = changed.shape[0]
+    grid = w.reshape((num_devices, -1) + w.shape[1:])                         # [De, r, ...]
+    new = fetched[k].reshape((num_devices, -1) + w.shape[1:])                 # [De, c, ...]
+    keep = changed.reshape(changed.shape + (1,) * (w.ndim - 1))
+    out[k] = grid.at[:, columns].set(jnp.where(keep, new, grid[:, columns])).reshape(w.shape)
+  return out
 
 
 def empty_replicas(params: dict, cfg: MoEConfig, *, mesh) -> dict:
