@@ -23,7 +23,7 @@ from absl import app, flags
 
 from moe_jax import distributed, host_memory
 
-if os.environ.get("MOE_JAX_SYSTEM_MALLOC", "") in ("", "0"):   # as launch/_setup.py does
+if os.environ.get("MOE_JAX_SYSTEM_MALLOC", "") in ("", "0"):   # one device on one core per process
   host_memory.reuse_freed_memory()
 FLAGS = flags.FLAGS
 distributed.define_flags()

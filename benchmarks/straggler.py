@@ -38,9 +38,14 @@ from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import moe_jax  # noqa: E402
-from moe_jax import distributed, replication  # noqa: E402
+from moe_jax import distributed, host_memory, replication  # noqa: E402
 from moe_jax.models import moe_stack  # noqa: E402
 from moe_jax.sim import fit, record, traces, workload  # noqa: E402
+
+# Each process drives one device on one pinned core: one malloc arena keeps every thread's
+# buffers in the reused main heap (see moe_jax/host_memory.py; before any computation).
+if os.environ.get("MOE_JAX_SYSTEM_MALLOC", "") in ("", "0"):
+  host_memory.reuse_freed_memory()
 
 FLAGS = flags.FLAGS
 distributed.define_flags()

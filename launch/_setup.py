@@ -7,28 +7,9 @@
     _setup.run(main)                 # absl app.run + one-line errors for UsageError
 """
 
-import importlib.util
 import os
 import re
 import sys
-
-
-def _reuse_freed_memory() -> None:
-  """moe_jax.host_memory.reuse_freed_memory(), loaded by path: importing the package would
-  import jax, which must wait for `simulate_cpu_devices`."""
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "moe_jax",
-                      "host_memory.py")
-  spec = importlib.util.spec_from_file_location("_moe_jax_host_memory", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  module.reuse_freed_memory()
-
-
-# Before jax allocates anything: XLA:CPU's per-call buffers reuse freed memory instead of
-# page-faulting fresh mmaps on every call (see moe_jax/host_memory.py). MOE_JAX_SYSTEM_MALLOC=1
-# keeps glibc's defaults (resident memory then shrinks after peaks).
-if os.environ.get("MOE_JAX_SYSTEM_MALLOC", "") in ("", "0"):
-  _reuse_freed_memory()
 
 
 def simulate_cpu_devices(count: int | None = None) -> None:

@@ -1,16 +1,19 @@
-"""Host-allocator settings for XLA:CPU: reuse freed memory instead of faulting in fresh pages.
+"""Host-allocator settings for XLA:CPU processes that drive one device: reuse freed memory.
 
-XLA:CPU allocates each executable's outputs and temporaries with the C allocator on every call.
-glibc's malloc serves large blocks (above its mmap threshold, 32 MB at most, and anything a
-thread's arena cannot hold) with a fresh `mmap` and unmaps it on free, so every call pays the
-first-touch page faults of every large buffer it writes. On the CPU VMs this project measures on,
-that was the larger part of a memory-bound op: zero-filling an 8 MB buffer took ~2 ms fresh and
-~0.3 ms reused, and the MoE layer writes several such buffers per call (see the closing notes of
-issue 8 for the step-level effect).
+XLA:CPU allocates each executable's outputs and temporaries with the C allocator on every call,
+from its worker threads. glibc's malloc gives each thread an arena of mmap'd heaps and serves
+large blocks with fresh `mmap`s that it unmaps on free, so a call can pay the first-touch page
+faults of the large buffers it writes, every time: a zero-fill of an 8 MB buffer took ~2 ms fresh
+against ~0.3 ms reused on the CPU VMs this project measures on.
 
-`reuse_freed_memory()` asks glibc to keep freed memory for reuse: no mmap'd blocks, no trimming of
-the heap, one arena. The cost is that the process's resident memory stays at its peak. Launch
-scripts call it before jax starts (launch/_setup.py); research code may call it first thing.
+`reuse_freed_memory()` routes every thread through the main heap (one arena), never mmaps blocks
+and never trims the heap, so freed buffers are reused. Measured with `benchmarks/straggler.py
+--d_ff=8` (2 processes x 1 device on 1 pinned core each; the step minus its expert FFN): 171 ms
+with it, 232 ms with glibc's defaults, and 232 ms with only the mmap/trim settings (the arena is
+what matters there). It is for processes that drive one device: with many device threads in one
+process the single arena serialises their allocations (`launch/bench.py`, 8 simulated devices:
+35-40% fewer tokens/s), so launch scripts do not call it. The price is that resident memory stays
+at its peak. The 2-process benchmarks call it unless MOE_JAX_SYSTEM_MALLOC=1.
 """
 
 from __future__ import annotations
@@ -22,14 +25,14 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_SETTINGS = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1), (_M_ARENA_MAX, 1))
+_SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
 def reuse_freed_memory() -> bool:
   """Configures glibc malloc to reuse freed blocks; True if every setting took.
 
-  A no-op returning False where there is no glibc `mallopt` (macOS, musl). Call it before the
-  first large allocation (before running any jax computation) for the full effect.
+  A no-op returning False where there is no glibc `mallopt` (macOS, musl). Call it before jax
+  starts its threads (before the first computation) for the full effect.
   """
   if not sys.platform.startswith("linux"):
     return False
