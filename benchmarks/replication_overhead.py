@@ -23,8 +23,8 @@ from absl import app, flags
 
 from moe_jax import distributed, host_memory
 
-if os.environ.get("MOE_JAX_SYSTEM_MALLOC", "") in ("", "0"):   # one device on one core per process
-  host_memory.reuse_freed_memory()
+host_memory.reuse_freed_memory()   # one device on one pinned core per process
+
 FLAGS = flags.FLAGS
 distributed.define_flags()
 flags.DEFINE_integer("replica_slots", 2, "replica slots per device")

@@ -44,8 +44,7 @@ from moe_jax.sim import fit, record, traces, workload  # noqa: E402
 
 # Each process drives one device on one pinned core: one malloc arena keeps every thread's
 # buffers in the reused main heap (see moe_jax/host_memory.py; before any computation).
-if os.environ.get("MOE_JAX_SYSTEM_MALLOC", "") in ("", "0"):
-  host_memory.reuse_freed_memory()
+host_memory.reuse_freed_memory()
 
 FLAGS = flags.FLAGS
 distributed.define_flags()

@@ -13,12 +13,13 @@ with it, 232 ms with glibc's defaults, and 232 ms with only the mmap/trim settin
 what matters there). It is for processes that drive one device: with many device threads in one
 process the single arena serialises their allocations (`launch/bench.py`, 8 simulated devices:
 35-40% fewer tokens/s), so launch scripts do not call it. The price is that resident memory stays
-at its peak. The 2-process benchmarks call it unless MOE_JAX_SYSTEM_MALLOC=1.
+at its peak. The 2-process benchmarks call it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 # <malloc.h> parameter numbers.
@@ -31,10 +32,12 @@ _SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 
 def reuse_freed_memory() -> bool:
   """Configures glibc malloc to reuse freed blocks; True if every setting took.
 
-  A no-op returning False where there is no glibc `mallopt` (macOS, musl). Call it before jax
-  starts its threads (before the first computation) for the full effect.
+  A no-op returning False where there is no glibc `mallopt` (macOS, musl), or when the
+  environment sets MOE_JAX_SYSTEM_MALLOC=1 (keep glibc's defaults). Call it before jax starts its
+  threads (before the first computation) for the full effect.
   """
-  if not sys.platform.startswith("linux"):
+  opted_out = os.environ.get("MOE_JAX_SYSTEM_MALLOC", "") not in ("", "0")
+  if opted_out or not sys.platform.startswith("linux"):
     return False
   try:
     mallopt = ctypes.CDLL(None).mallopt

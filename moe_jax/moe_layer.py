@@ -169,9 +169,8 @@ def refresh(params: dict, slot_table: jax.Array, held_table: jax.Array, held_wei
 def _merge_fetched(held: dict, fetched: dict, changed: jax.Array, columns: slice) -> dict:
   """`held` {k: [De * r, ...]} with its replica `columns` replaced by `fetched` {k: [De * c, ...]}
   where `changed` <bool>[De, c] (c = the columns' count)."""
-  out = {}
+  num_devices, out = changed.shape[0], {}
   for k, w in held.items():
-    num_devices = changed.shape[0]
     grid = w.reshape((num_devices, -1) + w.shape[1:])                         # [De, r, ...]
     new = fetched[k].reshape((num_devices, -1) + w.shape[1:])                 # [De, c, ...]
     keep = changed.reshape(changed.shape + (1,) * (w.ndim - 1))
