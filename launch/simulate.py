@@ -185,7 +185,7 @@ def main(argv):
   del argv
   if FLAGS.stickiness > 0 and not FLAGS.resident_replicas:
     raise runtime.UsageError("--stickiness keeps the previous step's table, which only resident "
-                         "replicas remember: add --resident_replicas.")
+                             "replicas remember: add --resident_replicas.")
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
   if FLAGS.validate:
