@@ -161,9 +161,30 @@ def refresh(params: dict, slot_table: jax.Array, held_table: jax.Array, held_wei
     def fetch_column(weights, c=c):
       column_table = jnp.concatenate([fetch_table[:, :h], fetch_table[:, h + c:h + c + 1]], 1)
       fetched = _prefetch_jit(home, column_table, cfg=cfg, mesh=mesh)        # {k: [De, ...]}
-      return _merge_fetched(weights, fetched, changed[:, c:c + 1], slice(c, c + 1))
+      return _merge_column(weights, fetched, changed[:, c], c, mesh=mesh)
     weights = jax.lax.cond(column_changed[c], fetch_column, lambda weights: weights, weights)
   return weights, fetched_bytes
+
+
+def _merge_column(held: dict, fetched: dict, changed: jax.Array, column: int, *, mesh) -> dict:
+  """`held` {k: [De * r, ...]} with replica column `column` set to `fetched` {k: [De, ...]} on
+  the devices where `changed` <bool>[De].
+
+  Each device rewrites its own cell in place: a dynamic-slice and a dynamic-update-slice of the
+  same cell of the local [r, ...] buffer. (Written on the global array, the masked scatter made
+  XLA:CPU copy both whole replica buffers in and out of the refresh's `cond` branch.)
+  """
+  def local(held, fetched, changed):
+    out = {}
+    for k, w in held.items():
+      cell = jax.lax.dynamic_slice_in_dim(w, column, 1, axis=0)              # [1, ...]
+      new = jnp.where(changed.reshape((1,) * w.ndim), fetched[k], cell)
+      out[k] = jax.lax.dynamic_update_slice_in_dim(w, new, column, axis=0)
+    return out
+
+  specs = {k: P("expert") for k in held}
+  return jax.shard_map(local, mesh=mesh, in_specs=(specs, specs, P("expert")), out_specs=specs)(
+      held, fetched, changed)
 
 
 def _merge_fetched(held: dict, fetched: dict, changed: jax.Array, columns: slice) -> dict:

@@ -70,3 +70,26 @@ def test_replica_placement_adds_no_collective_to_the_stack():
       predictor="history", resident=True, stickiness=0.1)))
   assert none["gather"] > 0, none        # the layers' own count all-gathers are seen
   assert history == none
+
+
+def test_refresh_updates_held_replicas_in_place():
+  """A padded refresh rewrites the changed replica column inside its `cond`, in place: no copy of
+  a whole held replica buffer (the global masked scatter it replaced copied each weight's buffer
+  into and out of the branch: 8 copies here), and every exchange stays inside a `cond`."""
+  cfg = moe_jax.MoEConfig(num_experts=8, d_model=16, d_ff=32, num_replica_slots=2)
+  mesh = moe_jax.make_mesh(1, 2)
+  params = moe_jax.moe_layer.init_moe_params(jax.random.key(0), cfg)
+  held = moe_jax.moe_layer.empty_replicas(params, cfg, mesh=mesh)
+  home_only = jnp.array([[0, 1, 2, 3, -1, -1], [4, 5, 6, 7, -1, -1]], jnp.int32)
+  new = jnp.array([[0, 1, 2, 3, 4, -1], [4, 5, 6, 7, 0, 1]], jnp.int32)
+
+  def refresh(params, new, old, held):
+    return moe_jax.moe_layer.refresh(params, new, old, held, cfg, mesh=mesh)
+  text = jax.jit(refresh, donate_argnums=3).lower(params, new, home_only, held).compile().as_text()
+  buffers = {f"f32[2,{a},{b}]" for a, b in ((16, 32), (32, 16))}   # one device's [r, ...] weights
+  copies = [line for line in text.splitlines()
+            if " copy(" in line and line.split("= ")[1].split("{")[0] in buffers]
+  assert not copies, copies
+  entry = text[text.index("\nENTRY"):]
+  assert "all-to-all(" not in entry.split("\n}\n")[0]         # exchanges only in the branches
+  assert "all-to-all(" in text
