@@ -7,11 +7,12 @@
   rows (G times the FLOPs), and each matmul call pays a fixed cost for packing its weights. So:
     1. when the actual group sizes make it pay (`bulk_pays`), one batched einsum runs the first
        C ~ m + sqrt(m) rows of every group (m = R / G), reading every group's weights in place;
-    2. a `while_loop` walks row windows that lie inside one group, straight out of the sorted
-       rows, for whatever the batched pass left: whole `window`-row windows while they fit, then
-       one masked window per group for the remainder, sized from a ladder `tail_window`,
-       2 * `tail_window`, ..., `window` (the smallest that holds it). Empty groups cost nothing.
-       A window indexes its group's weights with a traced index, which XLA:CPU copies first.
+    2. a `while_loop` over the non-empty groups walks row windows that lie inside the group,
+       straight out of the sorted rows, for whatever the batched pass left: whole `window`-row
+       windows while they fit, then one masked window for the remainder, sized from a ladder
+       `tail_window`, 2 * `tail_window`, ..., `window` (the smallest that holds it). Empty
+       groups cost nothing. A group's weights are indexed with a traced index, which XLA:CPU
+       copies before a matmul: once per group, not once per window.
 * "dense": every group's FFN over every row, masked: the slow, obvious reference.
 
 All backends return zeros for rows past `sum(group_sizes)`.
@@ -207,20 +208,9 @@ def _windowed_segment(x, out, group_sizes, weights, activation, *, num_rows, row
   covered = jnp.where(use_bulk, jnp.minimum(group_sizes, plan.bulk_rows), 0)   # [G]
   out = _bulk_pass(x, out, starts, covered, use_bulk, weights, activation, plan.bulk_rows,
                    num_rows)
-  # 2. Whole windows of the rest of each group, straight out of the sorted rows.
-  rest = group_sizes - covered
-  full = rest // plan.window
-  out = _window_loop(x, out, weights, activation, starts=starts + covered, windows=full,
-                     window=plan.window, group_end=None)
-  # 3. Each group's remainder in one masked window, the smallest tile of the ladder that holds it.
-  remainder = rest - full * plan.window
-  tail_start = starts + covered + full * plan.window
-  tile_index = _tile_index(remainder, plan.tiles)
-  for k, tile in enumerate(plan.tiles):
-    count = ((remainder > 0) & (tile_index == k)).astype(jnp.int32)
-    out = _window_loop(x, out, weights, activation, starts=tail_start, windows=count,
-                       window=tile, group_end=starts + group_sizes)
-  return out
+  # 2. The rest of each group: whole windows, then its remainder in one masked window.
+  return _group_windows(x, out, weights, activation, starts=starts + covered,
+                        rows=group_sizes - covered, plan=plan)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,8 +255,8 @@ def bulk_pays(group_sizes: jax.Array, plan: WindowPlan, *,
   A cost model in units of one row's FFN FLOPs, from the actual group sizes: every matmul call
   costs its rows plus `weight_cost_rows` for streaming (packing) one group's weights. The batched
   pass computes C rows of every group, empty or not, reading each group's weights in place once; a
-  window computes all its rows for one group (its traced weight slice is copied first, which on
-  the CPUs measured cost little next to the matmul's own packing). So the batched pass wins for
+  window computes all its rows for one group (its group's traced weight slice is copied once per
+  group, which on the CPUs measured costs little next to the matmuls' own packing). So the batched pass wins for
   balanced loads with many groups of a few dozen rows; windows win when most groups are empty or
   far below C (decoding, skewed loads, or a padded receive buffer whose static size overstates
   the rows that arrive).
@@ -328,24 +318,41 @@ def _bulk_pass(x, out, starts, covered, use_bulk, weights, activation, rows, num
   return jax.lax.cond(use_bulk, batched, lambda out: out, out)
 
 
-def _window_loop(x, out, weights, activation, *, starts, windows, window, group_end):
-  """Runs `windows[g]` consecutive windows of `window` rows from `starts[g]` for every group g.
+def _group_windows(x, out, weights, activation, *, starts, rows, plan):
+  """Runs `rows[g]` rows from `starts[g]` of every group g through its FFN, window by window.
 
-  With `group_end`, rows of a window past its group's end keep their previous `out` values.
+  One loop iteration per non-empty group: it slices that group's weights once (XLA:CPU copies a
+  traced weight slice before a matmul, so slicing per window copied [d, f] per window), then runs
+  the group's whole `plan.window`-row windows and its remainder in one masked window, the smallest
+  tile of `plan.tiles` that holds it. Every inner loop runs 0 or more times in place on `out` (a
+  `cond` would copy `out` into its branch). Masked rows past the group's end keep `out`'s values.
   """
-  ends = jnp.cumsum(windows)
-  total = ends[-1]
-  firsts = ends - windows
+  full = rows // plan.window
+  remainder = rows - full * plan.window
+  tile_index = _tile_index(remainder, plan.tiles)
+  busy = rows > 0
+  order = jnp.argsort(~busy, stable=True)                    # the non-empty groups first
 
-  def body(i, out):
-    g = jnp.searchsorted(ends, i, side="right")
-    row = starts[g] + (i - firsts[g]) * window
-    x_win = jax.lax.dynamic_slice_in_dim(x, row, window)                     # [W, d]
-    gate = weights["wi_gate"][g] if "wi_gate" in weights else None
-    y_win = ffn(x_win, weights["wi"][g], weights["wo"][g], gate, activation)
-    if group_end is not None:
-      inside = (row + jnp.arange(window)) < group_end[g]
-      y_win = jnp.where(inside[:, None], y_win, jax.lax.dynamic_slice_in_dim(out, row, window))
-    return jax.lax.dynamic_update_slice_in_dim(out, y_win.astype(out.dtype), row, axis=0)
+  def run_windows(out, w, first, count, size, end):
+    """`count` consecutive windows of `size` rows from row `first`; masked past `end`."""
+    def window(j, out):
+      row = first + j * size
+      x_win = jax.lax.dynamic_slice_in_dim(x, row, size)                     # [size, d]
+      y_win = ffn(x_win, w["wi"], w["wo"], w.get("wi_gate"), activation)
+      if end is not None:
+        inside = (row + jnp.arange(size)) < end
+        y_win = jnp.where(inside[:, None], y_win, jax.lax.dynamic_slice_in_dim(out, row, size))
+      return jax.lax.dynamic_update_slice_in_dim(out, y_win.astype(out.dtype), row, axis=0)
+    return jax.lax.fori_loop(0, count, window, out)
 
-  return jax.lax.fori_loop(0, total, body, out)
+  def group(i, out):
+    g = order[i]
+    w = {k: v[g] for k, v in weights.items()}                 # one copy of the group's weights
+    out = run_windows(out, w, starts[g], full[g], plan.window, None)
+    tail, end = starts[g] + full[g] * plan.window, starts[g] + rows[g]
+    for k, tile in enumerate(plan.tiles):                     # 1 trip for the right tile, else 0
+      trips = ((remainder[g] > 0) & (tile_index[g] == k)).astype(jnp.int32)
+      out = run_windows(out, w, tail, trips, tile, end)
+    return out
+
+  return jax.lax.fori_loop(0, jnp.sum(busy.astype(jnp.int32)), group, out)
