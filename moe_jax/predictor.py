@@ -19,6 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moe_jax import routing
+
 KINDS = ("none", "history", "pregate", "learned", "oracle")
 
 
@@ -30,7 +32,7 @@ def check_kind(kind: str) -> str:
 
 def choice_counts(logits: jax.Array, top_k: int, token_mask: jax.Array | None = None) -> jax.Array:
   """<f32>[E] how many of the tokens' top-k choices under `logits` <f32>[T, E] fall on each expert."""
-  _, ids = jax.lax.top_k(logits, top_k)                                     # [T, k]
+  _, ids = routing.select_top_k(logits, top_k)                              # [T, k]
   weight = jnp.ones(ids.shape, jnp.float32)
   if token_mask is not None:
     weight = weight * token_mask.reshape(-1, 1).astype(jnp.float32)

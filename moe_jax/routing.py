@@ -58,6 +58,19 @@ def expert_counts(expert_ids: jax.Array, mask: jax.Array, num_experts: int) -> j
       mask.reshape(-1).astype(jnp.int32))
 
 
+def select_top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """(values, indices) <[..., k]> of the k largest entries along the last axis, largest first,
+  ties to the lowest index: `lax.top_k`'s result.
+
+  Written as a stable sort along the last axis: XLA's SPMD partitioner keeps a sort's other axes
+  sharded, where it replicates `lax.top_k`'s operand (one all-gather of the whole [T, E] router
+  output per call, a device-wide sync point, when the tokens are sharded)."""
+  iota = jax.lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
+  negated, indices = jax.lax.sort((-values, iota), dimension=values.ndim - 1, is_stable=True,
+                                  num_keys=1)
+  return -negated[..., :k], indices[..., :k]
+
+
 def top_k_route(x: jax.Array, router_kernel: jax.Array, *, top_k: int, renormalize: bool = False,
                 token_mask: jax.Array | None = None) -> Routing:
   """Route T tokens to their top-k experts.
@@ -80,7 +93,7 @@ def top_k_route(x: jax.Array, router_kernel: jax.Array, *, top_k: int, renormali
   logits = jnp.dot(x.astype(jnp.float32), router_kernel.astype(jnp.float32),
                    precision=jax.lax.Precision.HIGHEST)                       # [T, E]
   probs = jax.nn.softmax(logits, axis=-1)
-  weights, expert_ids = jax.lax.top_k(probs, top_k)                           # [T, k]
+  weights, expert_ids = select_top_k(probs, top_k)                            # [T, k]
   if renormalize:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   dispatch_mask = jnp.broadcast_to(token_mask[:, None], (num_tokens, top_k))

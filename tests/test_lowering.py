@@ -48,8 +48,8 @@ def _collectives(compiled_text):
 def test_replica_placement_adds_no_collective_to_the_stack():
   """History placement with resident replicas runs on every device whole (`on_every_device`):
   left to sharding propagation, its [De, h + r] tables were split over 'expert' and gathered back:
-  15 all-gathers and 4 all-reduces for these 3 layers against none's 6 and 1, each a device-wide
-  sync point."""
+  15 all-gathers and 4 all-reduces for these 3 layers against none's 6 and 1 (when the router's
+  top-k still gathered its input too), each a device-wide sync point."""
   cfg = moe_jax.MoEConfig(num_experts=8, d_model=16, d_ff=32, num_replica_slots=2)
   mesh = moe_jax.make_mesh(1, 2)
   params = moe_stack.init(jax.random.key(0), cfg, 3)
@@ -93,3 +93,15 @@ def test_refresh_updates_held_replicas_in_place():
   entry = text[text.index("\nENTRY"):]
   assert "all-to-all(" not in entry.split("\n}\n")[0]         # exchanges only in the branches
   assert "all-to-all(" in text
+
+
+def test_routing_keeps_tokens_sharded():
+  """A layer's only all-gather is its own count exchange: the router's top-k runs on the sharded
+  tokens (`lax.top_k` made the SPMD partitioner gather the whole [T, E] router output first)."""
+  cfg = moe_jax.MoEConfig(num_experts=8, d_model=16, d_ff=32, top_k=2)
+  mesh = moe_jax.make_mesh(1, 2)
+  params = helpers.skewed_params(cfg)
+  x = helpers.skewed_tokens(cfg, 4, 8)
+  text = jax.jit(lambda p, x: moe_jax.moe_apply(p, x, cfg, mesh=mesh)[0]).lower(
+      params, x).compile().as_text()
+  assert _collectives(text)["gather"] == 1, _collectives(text)

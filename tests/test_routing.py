@@ -57,6 +57,19 @@ def test_ties_pick_lowest_index():
   np.testing.assert_array_equal(r.expert_ids, [[0, 1]] * 3)
 
 
+@pytest.mark.parametrize("k", [1, 2, 5, 8])
+def test_select_top_k_equals_lax_top_k_with_ties(k):
+  # Small integers make many ties; -inf entries must come last, in index order.
+  values = jax.random.randint(jax.random.key(k), (64, 8), 0, 4).astype(jnp.float32)
+  values = values.at[::7, 3].set(-jnp.inf)
+  got_values, got_ids = routing.select_top_k(values, k)
+  want_values, want_ids = jax.lax.top_k(values, k)
+  np.testing.assert_array_equal(got_ids, want_ids)
+  np.testing.assert_array_equal(got_values, want_values)
+  batched = routing.select_top_k(values.reshape(4, 16, 8), k)[1]            # leading axes kept
+  np.testing.assert_array_equal(batched.reshape(64, k), want_ids)
+
+
 def test_sequence_capacity_mask_matches_loop():
   rng = np.random.default_rng(1)
   ids = rng.integers(0, 4, size=(3, 20, 2))
