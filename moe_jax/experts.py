@@ -255,11 +255,11 @@ def bulk_pays(group_sizes: jax.Array, plan: WindowPlan, *,
   A cost model in units of one row's FFN FLOPs, from the actual group sizes: every matmul call
   costs its rows plus `weight_cost_rows` for streaming (packing) one group's weights. The batched
   pass computes C rows of every group, empty or not, reading each group's weights in place once; a
-  window computes all its rows for one group (its group's traced weight slice is copied once per
-  group, which on the CPUs measured costs little next to the matmuls' own packing). So the batched pass wins for
-  balanced loads with many groups of a few dozen rows; windows win when most groups are empty or
-  far below C (decoding, skewed loads, or a padded receive buffer whose static size overstates
-  the rows that arrive).
+  window computes all its rows for one group (the group's traced weight slice is copied once per
+  group, which on the CPUs measured costs little next to the matmuls' own packing). So the batched
+  pass wins for balanced loads with many groups of a few dozen rows; windows win when most groups
+  are empty or far below C (decoding, skewed loads, or a padded receive buffer whose static size
+  overstates the rows that arrive).
   """
   num_groups = group_sizes.shape[0]
   overflow = jnp.maximum(group_sizes - plan.bulk_rows, 0)
