@@ -154,49 +154,38 @@ def refresh(params: dict, slot_table: jax.Array, held_table: jax.Array, held_wei
   home = expert_weights(params)
   fetched_bytes = replica_bytes(fetch_table, params, h) * num_data
   if _exchange_mode(cfg) != "padded":
-    return _merge_fetched(held_weights, _prefetch_jit(home, fetch_table, cfg=cfg, mesh=mesh),
-                          changed, slice(None)), fetched_bytes
+    return _merge_columns(held_weights, _prefetch_jit(home, fetch_table, cfg=cfg, mesh=mesh),
+                          changed, 0, mesh=mesh), fetched_bytes
   weights = dict(held_weights)
   for c in range(cfg.num_replica_slots):
     def fetch_column(weights, c=c):
       column_table = jnp.concatenate([fetch_table[:, :h], fetch_table[:, h + c:h + c + 1]], 1)
       fetched = _prefetch_jit(home, column_table, cfg=cfg, mesh=mesh)        # {k: [De, ...]}
-      return _merge_column(weights, fetched, changed[:, c], c, mesh=mesh)
+      return _merge_columns(weights, fetched, changed[:, c:c + 1], c, mesh=mesh)
     weights = jax.lax.cond(column_changed[c], fetch_column, lambda weights: weights, weights)
   return weights, fetched_bytes
 
 
-def _merge_column(held: dict, fetched: dict, changed: jax.Array, column: int, *, mesh) -> dict:
-  """`held` {k: [De * r, ...]} with replica column `column` set to `fetched` {k: [De, ...]} on
-  the devices where `changed` <bool>[De].
+def _merge_columns(held: dict, fetched: dict, changed: jax.Array, first: int, *, mesh) -> dict:
+  """`held` {k: [De * r, ...]} with replica columns first .. first + n - 1 set to `fetched`
+  {k: [De * n, ...]} where `changed` <bool>[De, n].
 
-  Each device rewrites its own cell in place: a dynamic-slice and a dynamic-update-slice of the
-  same cell of the local [r, ...] buffer. (Written on the global array, the masked scatter made
+  Each device rewrites its own cells in place: a dynamic-slice and a dynamic-update-slice of the
+  same cells of its local [r, ...] buffer. (Written on the global array, a masked scatter made
   XLA:CPU copy both whole replica buffers in and out of the refresh's `cond` branch.)
   """
-  def local(held, fetched, changed):
+  def local(held, fetched, changed):                          # changed: [1, n]
     out = {}
     for k, w in held.items():
-      cell = jax.lax.dynamic_slice_in_dim(w, column, 1, axis=0)              # [1, ...]
-      new = jnp.where(changed.reshape((1,) * w.ndim), fetched[k], cell)
-      out[k] = jax.lax.dynamic_update_slice_in_dim(w, new, column, axis=0)
+      count = fetched[k].shape[0]
+      cells = jax.lax.dynamic_slice_in_dim(w, first, count, axis=0)           # [n, ...]
+      new = jnp.where(changed.reshape((count,) + (1,) * (w.ndim - 1)), fetched[k], cells)
+      out[k] = jax.lax.dynamic_update_slice_in_dim(w, new, first, axis=0)
     return out
 
   specs = {k: P("expert") for k in held}
   return jax.shard_map(local, mesh=mesh, in_specs=(specs, specs, P("expert")), out_specs=specs)(
       held, fetched, changed)
-
-
-def _merge_fetched(held: dict, fetched: dict, changed: jax.Array, columns: slice) -> dict:
-  """`held` {k: [De * r, ...]} with its replica `columns` replaced by `fetched` {k: [De * c, ...]}
-  where `changed` <bool>[De, c] (c = the columns' count)."""
-  num_devices, out = changed.shape[0], {}
-  for k, w in held.items():
-    grid = w.reshape((num_devices, -1) + w.shape[1:])                         # [De, r, ...]
-    new = fetched[k].reshape((num_devices, -1) + w.shape[1:])                 # [De, c, ...]
-    keep = changed.reshape(changed.shape + (1,) * (w.ndim - 1))
-    out[k] = grid.at[:, columns].set(jnp.where(keep, new, grid[:, columns])).reshape(w.shape)
-  return out
 
 
 def empty_replicas(params: dict, cfg: MoEConfig, *, mesh) -> dict:

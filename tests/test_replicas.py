@@ -84,6 +84,22 @@ def test_hoisted_prefetch_equals_inline_and_fetches_the_named_experts(all_to_all
   assert helpers.rel_err(y_hoisted, y_inline) <= 1e-6
 
 
+@pytest.mark.parametrize("all_to_all", ["padded", "emulated_ragged"])
+def test_refresh_equals_a_fresh_prefetch_of_the_new_table(all_to_all):
+  """Resident replicas of one table refreshed to another hold exactly what a prefetch of the new
+  table holds, on both exchange paths (per-column conds, and one ragged fetch)."""
+  cfg, params, _, mesh, _ = _setup(8, 2, 2, (2, 4), all_to_all=all_to_all)
+  old = jnp.array([[0, 1, 4, 6], [2, 3, 0, 5], [4, 5, 1, -1], [6, 7, 2, 3]], jnp.int32)
+  new = jnp.array([[0, 1, 4, 7], [2, 3, 0, 5], [4, 5, -1, 0], [6, 7, 2, 3]], jnp.int32)
+  held = moe_jax.prefetch(params, old, cfg, mesh=mesh)
+  got, fetched_bytes = moe_jax.moe_layer.refresh(params, new, old, held, cfg, mesh=mesh)
+  want = moe_jax.prefetch(params, new, cfg, mesh=mesh)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name])
+  per_expert = sum(params[k][0].nbytes for k in want)           # 2 slots fetched, 1 cleared
+  assert float(fetched_bytes) == 2 * per_expert * mesh.shape["data"]
+
+
 def test_capacity_drops_fall_with_oracle_placement():
   tokens, e = 512, 16
   routing = helpers.zipf_routing(tokens, e, 1, s=1.2, seed=1)
