@@ -6,10 +6,11 @@
       --config.checkpoint=/path/to/switch-base-128
 
 arg: comma-separated key=value: model (switch_tiny | switch_base_E), policy (compare only none,
-this policy and oracle), mode (dropless | capacity). Tree described in moe_jax/presets.py.
+this policy and oracle), mode (capacity mode: dropless | capacity). Tree described in
+moe_jax/app/presets.py.
 """
 
-from moe_jax import presets
+from moe_jax.app import presets
 
 
 def get_config(arg=None):
@@ -28,5 +29,5 @@ def get_config(arg=None):
   if "policy" in options:
     config.bench.policies = ",".join(dict.fromkeys(["none", options["policy"], "oracle"]))
   if "mode" in options:
-    config.bench.dispatch_modes = options["mode"]
+    config.bench.capacity_modes = options["mode"]
   return config

@@ -3,10 +3,10 @@
   python launch/infer.py --config=configs/switch_base_16.py --config.checkpoint=/path/to/switch-base-16
 
 `model` holds the SwitchConfig fields of the released checkpoint (its config.json); the full tree
-is described in moe_jax/presets.py.
+is described in moe_jax/app/presets.py.
 """
 
-from moe_jax import presets
+from moe_jax.app import presets
 
 
 def get_config(arg=None):

@@ -3,10 +3,10 @@
   python launch/train.py --config=configs/switch_tiny.py           # how it was made
   python launch/bench.py --config=configs/switch_tiny.py
 
-Tree described in moe_jax/presets.py.
+Tree described in moe_jax/app/presets.py.
 """
 
-from moe_jax import presets
+from moe_jax.app import presets
 
 
 def get_config(arg=None):

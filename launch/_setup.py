@@ -71,7 +71,8 @@ def run(main, *, multi_process: bool = True) -> None:
   pass `multi_process=False` and refuse a multi-process job with a one-line error.
   """
   from absl import app, logging  # pylint: disable=import-outside-toplevel
-  from moe_jax import distributed, runtime  # pylint: disable=import-outside-toplevel
+  from moe_jax import distributed  # pylint: disable=import-outside-toplevel
+  from moe_jax.app import config as config_lib  # pylint: disable=import-outside-toplevel
 
   distributed.define_flags()
 
@@ -79,9 +80,9 @@ def run(main, *, multi_process: bool = True) -> None:
     logging.set_verbosity(logging.INFO)
     quiet_library_logs()
     try:
-      _join_job(distributed, runtime, multi_process)
+      _join_job(distributed, config_lib, multi_process)
       return main(argv)
-    except (runtime.UsageError, FileNotFoundError) as e:
+    except (config_lib.UsageError, FileNotFoundError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
 
@@ -96,11 +97,11 @@ def run(main, *, multi_process: bool = True) -> None:
   app.run(guarded, flags_parser=parse_flags)
 
 
-def _join_job(distributed, runtime, multi_process: bool) -> None:
+def _join_job(distributed, config_lib, multi_process: bool) -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
   script = os.path.basename(sys.argv[0])
   if not multi_process and (flags.FLAGS.num_processes or 1) > 1:
-    raise runtime.UsageError(f"{script} runs as one process; drop --coordinator/--num_processes/"
+    raise config_lib.UsageError(f"{script} runs as one process; drop --coordinator/--num_processes/"
                              "--process_id (multi-process: launch/bench.py, launch/infer.py, "
                              "launch/demo_layer.py, launch/distributed_demo.py).")
   if multi_process:

@@ -3,7 +3,7 @@
   python launch/bench.py [--config=configs/bench.py:model=switch_tiny] [--config.bench.repeats=3]
 
 Runs the model over held-out text for each policy (none, history, pregate, learned, oracle) and
-dispatch mode (dropless, capacity) on a (data, expert) mesh (8 simulated CPU devices by default),
+capacity mode (dropless, capacity) on a (data, expert) mesh (8 simulated CPU devices by default),
 then writes REPORT_DIR/report.json and PNG plots and prints a table.
 
   python launch/local_cluster.py --num_processes=2 --devices_per_process=4 -- \
@@ -19,7 +19,7 @@ import os  # noqa: E402
 import jax  # noqa: E402
 from absl import logging  # noqa: E402
 
-from moe_jax import runtime  # noqa: E402
+from moe_jax.app import config as config_lib, runtime  # noqa: E402
 from moe_jax.bench import harness, plots, report as report_lib  # noqa: E402
 
 _CONFIG = _setup.define_config("configs/bench.py")
@@ -27,30 +27,31 @@ _CONFIG = _setup.define_config("configs/bench.py")
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  mesh = runtime.make_mesh(config.mesh)
-  setup, batches = harness.load_setup(config, mesh)
-  policies = [p for p in config.bench.policies.split(",") if p]
+  job = config_lib.from_tree(_CONFIG.value)
+  mesh = runtime.make_mesh(job.mesh)
+  setup, batches = harness.load_setup(job, mesh)
+  policies = list(job.bench.policies)
   if setup.learned is None and "learned" in policies:
     logging.warning("no learned predictor at %r: skipping policy 'learned' (train one with "
-                    "launch/train_predictor.py)", config.predictor_checkpoint)
+                    "launch/train_predictor.py)", job.predictor_checkpoint)
     policies.remove("learned")
-  runs, warm = {}, config.bench.warmup_batches
-  for mode in [m for m in config.bench.dispatch_modes.split(",") if m]:
+  runs, warm = {}, job.bench.warmup_batches
+  for mode in job.bench.capacity_modes:
     runs[mode] = harness.run_mode(setup, batches[warm:], mode, policies,
-                                  repeats=config.bench.repeats, warmup=batches[:warm])
-  meta = harness.describe(config, setup, batches[warm:], mesh)
+                                  repeats=job.bench.repeats, warmup=batches[:warm])
+  meta = harness.describe(job, setup, batches[warm:], mesh)
   report = report_lib.build_report(runs, meta)
   if jax.process_index() != 0:   # multi-process: process 0 writes and prints
     return
-  os.makedirs(config.bench.report_dir, exist_ok=True)
-  report_lib.write_json(report, os.path.join(config.bench.report_dir, "report.json"))
-  if config.bench.plots:
-    for path in plots.write_all(report, config.bench.report_dir):
+  report_dir = job.bench.report_dir
+  os.makedirs(report_dir, exist_ok=True)
+  report_lib.write_json(report, os.path.join(report_dir, "report.json"))
+  if job.bench.plots:
+    for path in plots.write_all(report, report_dir):
       logging.info("wrote %s", path)
   print(f"\n{meta['summary']}")
   print(report_lib.table(report))
-  print(f"\nreport: {os.path.join(config.bench.report_dir, 'report.json')}")
+  print(f"\nreport: {os.path.join(report_dir, 'report.json')}")
 
 
 if __name__ == "__main__":

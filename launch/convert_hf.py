@@ -1,4 +1,4 @@
-r"""Convert a Hugging Face Switch checkpoint once, so moe_jax never unpickles anything at load time.
+r"""Convert a Hugging Face checkpoint once, so moe_jax never unpickles anything at load time.
 
   python launch/convert_hf.py --src=switch-base-128 --dst=switch-base-128-st
       pytorch_model*.bin (single or sharded) -> model*.safetensors with the same keys (needs torch;
@@ -15,6 +15,7 @@ import sys  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
+from moe_jax import models  # noqa: E402
 from moe_jax.checkpoints import convert  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -36,8 +37,10 @@ def main(argv):
       written = convert.to_safetensors(FLAGS.src, FLAGS.dst)
       print(f"wrote {len(written)} files to {FLAGS.dst}")
     else:
-      out = convert.to_orbax(FLAGS.src, FLAGS.dst, dtype=jnp.dtype(FLAGS.dtype),
-                             force=FLAGS.force)
+      family, config = models.hf_config(convert.checkpoint_dir(FLAGS.src))
+      out = convert.to_orbax(FLAGS.src, FLAGS.dst, family.hf_key_map(config),
+                             config_json=config.to_hf_dict(), family=family.NAME,
+                             dtype=jnp.dtype(FLAGS.dtype), force=FLAGS.force)
       print(f"wrote orbax params to {out}")
   except (ImportError, ValueError, FileNotFoundError) as e:
     sys.exit(f"convert_hf: {e}")

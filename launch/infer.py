@@ -7,8 +7,9 @@
   python launch/local_cluster.py --num_processes=2 --devices_per_process=4 -- \
       python launch/infer.py --text="The assert statement" --config.cpu_devices=4
 
-Prints the continuation, then, per MoE layer of the encoder pass over the input, tokens per
-device and balancedness under config.replication.predictor (with r replica slots).
+Prints the continuation, the replica bytes the model's own MoE calls moved (0: generation runs
+without replication), then, per MoE layer of the pass over the prompt (Switch: the encoder),
+tokens per device and balancedness under config.replication.predictor (with r replica slots).
 """
 
 import _setup
@@ -18,7 +19,8 @@ _setup.simulate_cpu_devices()
 import jax  # noqa: E402
 from absl import flags  # noqa: E402
 
-from moe_jax import distributed, runtime, workflows  # noqa: E402
+from moe_jax import distributed  # noqa: E402
+from moe_jax.app import config as config_lib, runtime, workflows  # noqa: E402
 
 _CONFIG = _setup.define_config("configs/switch_tiny.py")
 flags.DEFINE_multi_string("text", [], "input text (repeat for a batch)")
@@ -29,33 +31,37 @@ flags.DEFINE_bool("use_cache", True, "KV-cached decoding")
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  job = config_lib.from_tree(_CONFIG.value)
   f = flags.FLAGS
-  mesh = runtime.make_mesh(config.mesh)
-  model, tokenizer = workflows.load_switch_model(config, mesh)
+  mesh = runtime.make_mesh(job.mesh)
+  model, tokenizer = runtime.load_model(job, mesh=mesh)
+  family, cfg = job.family, model.config
   if f.ids:
     rows = [[int(t) for t in f.ids.split(",")]]
   elif f.text:
     if tokenizer is None:
-      raise runtime.UsageError("this checkpoint has no spiece.model; pass --ids instead of --text.")
-    rows = [tokenizer.encode(t) + [model.config.eos_token_id] for t in f.text]
+      raise config_lib.UsageError("this checkpoint has no spiece.model; pass --ids instead of "
+                                  "--text.")
+    rows = [family.prompt_ids(tokenizer, t, cfg) for t in f.text]
   else:
-    raise runtime.UsageError("give --text=... or --ids=...")
-  input_ids, mask = workflows.pad_batch(rows, mesh.shape["data"], model.config.pad_token_id)
+    raise config_lib.UsageError("give --text=... or --ids=...")
+  input_ids, mask = workflows.pad_batch(rows, mesh.shape["data"], cfg.pad_token_id)
   tokens = distributed.gather(model.generate(input_ids, attention_mask=mask,
                                             max_new_tokens=f.max_new_tokens,
                                             use_cache=f.use_cache))
-  lines = workflows.balance_lines(config, model, input_ids, mask, mesh)   # every process runs it
+  # Every process runs these passes over the prompt.
+  moved = workflows.replica_bytes_of(job, model, input_ids, mask)
+  lines = workflows.balance_lines(job, model, input_ids, mask, mesh)
   if jax.process_index() != 0:
     return
   for i, row in enumerate(tokens[:len(rows)]):
-    ids = [int(t) for t in row[1:] if t not in (model.config.pad_token_id,)]
-    eos = model.config.eos_token_id
-    ids = ids[:ids.index(eos)] if eos in ids else ids
+    ids = family.generated_ids(row, cfg)
     text = tokenizer.decode(ids) if tokenizer is not None else ""
     print(f"[{i}] ids: {ids}")
     if text:
       print(f"[{i}] text: {text}")
+  print(f"replica bytes moved by the model's own MoE calls over the prompt (no replication): "
+        f"{moved:.0f}")
   for line in lines:
     print(line)
 

@@ -30,7 +30,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
-from moe_jax import runtime, sim  # noqa: E402
+from moe_jax import sim  # noqa: E402
+from moe_jax.app.config import UsageError  # noqa: E402
 from moe_jax.config import MoEConfig  # noqa: E402
 from moe_jax.sim import plot, record, traces, validate, workload  # noqa: E402
 
@@ -184,7 +185,7 @@ def _validate(report_path: str) -> dict:
 def main(argv):
   del argv
   if FLAGS.stickiness > 0 and not FLAGS.resident_replicas:
-    raise runtime.UsageError("--stickiness keeps the previous step's table, which only resident "
+    raise UsageError("--stickiness keeps the previous step's table, which only resident "
                              "replicas remember: add --resident_replicas.")
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

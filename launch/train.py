@@ -16,7 +16,7 @@ import json  # noqa: E402
 
 from absl import flags, logging  # noqa: E402
 
-from moe_jax import presets, workflows  # noqa: E402
+from moe_jax.app import config as config_lib, workflows  # noqa: E402
 
 _CONFIG = _setup.define_config("configs/switch_tiny.py")
 flags.DEFINE_bool("force", False, "overwrite an existing checkpoint in the output dir")
@@ -24,9 +24,9 @@ flags.DEFINE_bool("force", False, "overwrite an existing checkpoint in the outpu
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  out_dir = config.train.out_dir or presets.resolve_checkpoint(config.checkpoint)
-  summary = workflows.train_switch_on_pydoc(config, out_dir, force=flags.FLAGS.force)
+  job = config_lib.from_tree(_CONFIG.value)
+  out_dir = job.train.out_dir or job.checkpoint_path
+  summary = workflows.train_on_pydoc(job, out_dir, force=flags.FLAGS.force)
   logging.info("wrote %s", out_dir)
   print(json.dumps({layer: round(s["max_over_mean"], 2) for layer, s in summary["skew"].items()}))
   print(f"final: {json.dumps(summary['final'])}")

@@ -16,7 +16,7 @@ import json  # noqa: E402
 
 from absl import flags  # noqa: E402
 
-from moe_jax import presets, runtime, workflows  # noqa: E402
+from moe_jax.app import config as config_lib, workflows  # noqa: E402
 
 _CONFIG = _setup.define_config("configs/switch_tiny.py")
 flags.DEFINE_string("out_dir", "", "where to save (default: config.predictor_checkpoint)")
@@ -25,11 +25,12 @@ flags.DEFINE_bool("force", False, "overwrite an existing predictor checkpoint")
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  out_dir = flags.FLAGS.out_dir or presets.resolve_checkpoint(config.predictor_checkpoint)
+  job = config_lib.from_tree(_CONFIG.value)
+  out_dir = flags.FLAGS.out_dir or job.predictor_path
   if not out_dir:
-    raise runtime.UsageError("no output dir: pass --out_dir or set config.predictor_checkpoint.")
-  summary = workflows.train_predictor(config, out_dir, force=flags.FLAGS.force)
+    raise config_lib.UsageError("no output dir: pass --out_dir or set "
+                                "--config.predictor_checkpoint.")
+  summary = workflows.train_predictor(job, out_dir, force=flags.FLAGS.force)
   print(json.dumps(summary))
 
 

@@ -7,16 +7,18 @@
   y, stats = moe_jax.moe_apply(params, x, cfg, mesh=mesh)
 """
 
-from moe_jax.config import MoEConfig
+from moe_jax.config import ExecutionConfig, MoEConfig
 from moe_jax.mesh import make_mesh
-from moe_jax.moe_layer import MoEStats, init_moe_params, moe_apply, place, prefetch, refresh
+from moe_jax.moe_fn import DefaultMoE, MoEFn
+from moe_jax.moe_layer import MoEStats, init_moe_params, moe_apply
 from moe_jax.placement import balancedness, home_slot_table, maxvio, validate_slot_table
+from moe_jax.replicas import place, prefetch, refresh
 from moe_jax.routing import Routing, top_k_route
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MoEConfig", "MoEStats", "Routing", "balancedness", "home_slot_table", "init_moe_params",
-    "make_mesh", "maxvio", "moe_apply", "place", "prefetch", "refresh", "top_k_route",
-    "validate_slot_table",
+    "DefaultMoE", "ExecutionConfig", "MoEConfig", "MoEFn", "MoEStats", "Routing", "balancedness",
+    "home_slot_table", "init_moe_params", "make_mesh", "maxvio", "moe_apply", "place", "prefetch",
+    "refresh", "top_k_route", "validate_slot_table",
 ]

@@ -23,22 +23,32 @@ def home_slot_table(num_experts: int, num_devices: int, num_replica_slots: int =
   return jnp.concatenate([home, empty], axis=1)
 
 
+def num_replica_slots(slot_table, num_experts: int) -> int:
+  """r of a slot table <int32>[D, h + r] (static: read from its shape)."""
+  num_devices, width = np.shape(slot_table)
+  return width - num_experts // num_devices
+
+
 def validate_slot_table(slot_table, num_experts: int, num_devices: int,
-                        num_replica_slots: int) -> None:
+                        num_replica_slots: int | None = None) -> None:
   """Raises ValueError naming the problem if `slot_table` is not a valid table.
 
-  Only concrete tables can be checked; traced ones (inside jit) are trusted.
+  `num_replica_slots` None accepts any r >= 0 (the table's width decides). The shape is always
+  checked; the values only when the table is concrete (traced ones, inside jit, are trusted).
   """
+  shape = tuple(np.shape(slot_table))
+  h = num_experts // num_devices
+  r = num_replica_slots if num_replica_slots is not None else (
+      shape[1] - h if len(shape) == 2 else 0)
+  expected = (num_devices, h + max(r, 0))
+  if shape != expected or r < 0:
+    slots = "" if num_replica_slots is None else f" + {num_replica_slots} replica"
+    raise ValueError(
+        f"slot_table has shape {shape}, expected {expected} = (expert-axis devices, "
+        f"{h} home{slots} slots); build one with moe_jax.home_slot_table or moe_jax.place.")
   if isinstance(slot_table, jax.core.Tracer):
     return
   table = np.asarray(slot_table)
-  h = num_experts // num_devices
-  expected = (num_devices, h + num_replica_slots)
-  if table.shape != expected:
-    raise ValueError(
-        f"slot_table has shape {table.shape}, expected {expected} = (expert-axis devices, "
-        f"{h} home + {num_replica_slots} replica slots); build one with "
-        "moe_jax.home_slot_table or moe_jax.place.")
   if not np.issubdtype(table.dtype, np.integer):
     raise ValueError(f"slot_table must hold integers, got dtype {table.dtype}.")
   bad = (table < -1) | (table >= num_experts)

@@ -12,16 +12,83 @@ Kinds:
   oracle   l' true routing: an upper bound for benchmarks only, never for serving.
 
 A prediction only decides where expert copies live; the real router still routes every token.
+
+The registry (`PREDICTORS`) is the one list of kinds: the stack runner, the benchmark's shared
+"dynamic" program and the simulator all read it. A kind is an estimator with one signature,
+`estimate(LayerInputs) -> (load <f32>[E], top1 <int32>[T])`, and a `source` saying what it reads
+(the simulator replays that source from a recorded trace). Adding a kind is one entry here.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from moe_jax import routing
 
-KINDS = ("none", "history", "pregate", "learned", "oracle")
+
+@struct.dataclass
+class LayerInputs:
+  """What an estimator may read when it predicts MoE layer l' while layer l runs.
+
+  Attributes:
+    x: <f>[T, d] the normalised hidden state entering layer l.
+    next_router: <f32>[d, E] layer l' router.
+    history: <f32>[E] layer l' load EMA over past batches.
+    learned: layer-pair params of the learned predictor (None if not loaded).
+    oracle: <f32>[E] layer l' true load of this batch (benchmarks only; None otherwise).
+    top_k: experts per token (static).
+  """
+
+  x: jax.Array
+  next_router: jax.Array
+  history: jax.Array
+  learned: dict | None = None
+  oracle: jax.Array | None = None
+  top_k: int = struct.field(pytree_node=False, default=1)
+
+
+Estimate = tuple[jax.Array, jax.Array]      # (load <f32>[E], per-token top-1 <int32>[T] or -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+  """One predictor kind.
+
+  Attributes:
+    name: the kind's name (`ReplicationConfig.predictor`).
+    source: "history" (past batches' true loads), "hidden_state" (layer l's input, per token:
+      the simulator replays recorded predictions) or "truth" (this batch's true loads).
+    estimate: LayerInputs -> Estimate.
+  """
+
+  name: str
+  source: str
+  estimate: Callable[[LayerInputs], Estimate]
+
+
+def _no_top1(inputs: LayerInputs) -> jax.Array:
+  return jnp.full((inputs.x.shape[0],), -1, jnp.int32)
+
+
+def _from_logits(logits: jax.Array, top_k: int) -> Estimate:
+  return choice_counts(logits, top_k), jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+PREDICTORS = {p.name: p for p in (
+    Predictor("history", "history", lambda i: (i.history.astype(jnp.float32), _no_top1(i))),
+    Predictor("pregate", "hidden_state",
+              lambda i: _from_logits(pregate_logits(i.x, i.next_router), i.top_k)),
+    Predictor("learned", "hidden_state",
+              lambda i: _from_logits(learned_logits(i.learned, i.x), i.top_k)),
+    Predictor("oracle", "truth", lambda i: (i.oracle.astype(jnp.float32), _no_top1(i))),
+)}
+REPLICATING = tuple(PREDICTORS)              # the kinds that place replicas, in a fixed order
+KINDS = ("none",) + REPLICATING
 
 
 def check_kind(kind: str) -> str:
@@ -73,10 +140,6 @@ def learned_logits(params: dict, x: jax.Array) -> jax.Array:
   if "w" in params:
     return x @ params["w"] + params["b"]
   return (x @ params["u"]) @ params["v"] + params["b"]
-
-
-def learned_load(params, x, top_k: int, token_mask=None) -> jax.Array:
-  return choice_counts(learned_logits(params, x), top_k, token_mask)
 
 
 # --- history -------------------------------------------------------------------------------------

@@ -24,8 +24,9 @@ from moe_jax import mesh as mesh_lib
 from moe_jax import moe_layer
 from moe_jax import placement
 from moe_jax import predictor as predictor_lib
+from moe_jax import replicas as replicas_lib
 from moe_jax import routing as routing_lib
-from moe_jax.config import MoEConfig
+from moe_jax.config import ExecutionConfig, MoEConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,9 +34,12 @@ class ReplicationConfig:
   """How replicas are placed.
 
   Attributes:
-    predictor: "none", "history", "pregate", "learned" or "oracle" (benchmarks only); or
-      "dynamic": the kind is a traced argument (`StackRunner(policy=...)`, an index into
-      `DYNAMIC_KINDS`), so one compiled program serves every replicating predictor.
+    predictor: "none" or a kind of `predictor.PREDICTORS` ("history", "pregate", "learned",
+      "oracle": benchmarks only); or "dynamic": the kind is a traced argument
+      (`StackRunner(policy=...)`, an index into `DYNAMIC_KINDS`), so one compiled program serves
+      every replicating predictor.
+    num_replica_slots: r, spare slots per device on the `expert` axis that can hold replicas of
+      hot experts (0 = no replication).
     first_layer: placement of each stack's first MoE layer: "history" or "none".
     history_decay: EMA decay of the per-layer load history.
     resident: keep each layer's replicas between batches (in `ReplicationState`) and fetch only
@@ -45,6 +49,7 @@ class ReplicationConfig:
   """
 
   predictor: str = "none"
+  num_replica_slots: int = 2
   first_layer: str = "history"
   history_decay: float = 0.8
   resident: bool = False
@@ -53,6 +58,9 @@ class ReplicationConfig:
   def __post_init__(self):
     if self.predictor != "dynamic":
       predictor_lib.check_kind(self.predictor)
+    if (not isinstance(self.num_replica_slots, int) or isinstance(self.num_replica_slots, bool)
+        or self.num_replica_slots < 0):
+      raise ValueError(f"num_replica_slots={self.num_replica_slots!r} must be an int >= 0.")
     if self.first_layer not in ("history", "none"):
       raise ValueError(f"first_layer={self.first_layer!r}: use 'history' or 'none'.")
     if not 0.0 <= self.history_decay < 1.0:
@@ -64,7 +72,7 @@ class ReplicationConfig:
                        "replicas remember: set resident=True as well.")
 
 
-DYNAMIC_KINDS = ("history", "pregate", "learned", "oracle")
+DYNAMIC_KINDS = predictor_lib.REPLICATING
 
 
 def policy_index(kind: str) -> int:
@@ -96,16 +104,16 @@ def init_state(layer_counts: dict, num_experts: int) -> ReplicationState:
 
 
 def with_resident_replicas(state: ReplicationState, layers: dict, moe_cfg: MoEConfig,
-                           mesh) -> ReplicationState:
-  """`state` holding empty replica slots for every MoE layer of `layers` (stack -> params list).
+                           num_replica_slots: int, mesh) -> ReplicationState:
+  """`state` holding r empty replica slots for every MoE layer of `layers` (stack -> params).
 
   Optional for `ReplicationConfig(resident=True)`: without it the first batch starts from empty
   slots all the same, but the state's structure changes after it (one more compilation).
   """
-  table = _home_table(moe_cfg, mesh)
+  table = _home_table(moe_cfg, num_replica_slots, mesh)
   return state.replace(
       tables={s: jnp.broadcast_to(table, (len(p),) + table.shape) for s, p in layers.items()},
-      replicas={s: [moe_layer.empty_replicas(q, moe_cfg, mesh=mesh) for q in p]
+      replicas={s: [replicas_lib.empty_replicas(q, num_replica_slots, mesh=mesh) for q in p]
                 for s, p in layers.items()})
 
 
@@ -142,8 +150,8 @@ class StackRunner:
   """Implements the model's `moe_fn` hook with one-layer-ahead replica placement.
 
   Args:
-    config: the `ReplicationConfig`.
-    moe_cfg: the MoE layers' config (its `num_replica_slots` is r).
+    config: the `ReplicationConfig` (its `num_replica_slots` is r).
+    moe_cfg: the MoE layers' config.
     mesh: the ('data', 'expert') mesh.
     layers: stack name -> list of that stack's MoE params in order (router + experts).
     state: `ReplicationState` from the previous batch (`init_state` at the start).
@@ -151,11 +159,13 @@ class StackRunner:
     oracle_loads: stack -> <f32>[n, E] true loads of this batch (benchmarks only).
     policy: in "dynamic" mode, a traced int32 index into `DYNAMIC_KINDS` (see `policy_index`);
       needs both `learned` and `oracle_loads`.
+    execution: how the layers run (`ExecutionConfig`; default: dropless).
   """
 
   def __init__(self, config: ReplicationConfig, moe_cfg: MoEConfig, mesh, layers: dict,
                state: ReplicationState, *, learned: dict | None = None,
-               oracle_loads: dict | None = None, policy: jax.Array | None = None):
+               oracle_loads: dict | None = None, policy: jax.Array | None = None,
+               execution: ExecutionConfig | None = None):
     if config.predictor == "dynamic" and (policy is None or learned is None
                                           or oracle_loads is None):
       raise ValueError("predictor='dynamic' needs policy=, learned= and oracle_loads=.")
@@ -166,17 +176,18 @@ class StackRunner:
       raise ValueError("predictor='oracle' needs this batch's true loads (oracle_loads=...), "
                        "e.g. from a first pass with predictor='none'.")
     self.config, self.moe_cfg, self.mesh = config, moe_cfg, mesh
+    self.execution = execution if execution is not None else ExecutionConfig()
     self.layers, self.state = layers, state
     self.learned, self.oracle_loads, self.policy = learned, oracle_loads, policy
     if config.resident and state.tables is None and self.replicating:
-      self.state = with_resident_replicas(state, layers, moe_cfg, mesh)
+      self.state = with_resident_replicas(state, layers, moe_cfg, config.num_replica_slots, mesh)
     self._pending: dict = {}
     self._records: dict = {stack: [] for stack in layers}
     self._held: dict = {stack: [] for stack in layers}     # (table, weights) or None per layer
 
   @property
   def replicating(self) -> bool:
-    return self.config.predictor != "none" and self.moe_cfg.num_replica_slots > 0
+    return self.config.predictor != "none" and self.config.num_replica_slots > 0
 
   def moe_fn(self, stack: str, index: int, ff_params: dict, x: jax.Array,
              routing: routing_lib.Routing | None = None):
@@ -189,10 +200,11 @@ class StackRunner:
       self._pending[(stack, index + 1)] = self._plan(stack, index + 1, x)
     if mesh_lib.is_cpu(self.mesh):  # the layer's collectives after the placements'
       current, x = self._after_placements(stack, index, current, x)
-    cfg = self.moe_cfg if current.table is not None else self.moe_cfg.replace(num_replica_slots=0)
-    y, stats = moe_layer.moe_apply(ff_params, x, cfg, mesh=self.mesh, routing=routing,
-                                   slot_table=current.table, replica_weights=current.weights)
-    table = current.table if current.table is not None else _home_table(cfg, self.mesh)
+    y, stats = moe_layer.moe_apply(ff_params, x, self.moe_cfg, execution=self.execution,
+                                   mesh=self.mesh, routing=routing, slot_table=current.table,
+                                   replica_weights=current.weights)
+    table = current.table if current.table is not None else _home_table(self.moe_cfg, 0,
+                                                                        self.mesh)
     self._records[stack].append(LayerRecord(predicted_load=current.load,
                                             predicted_top1=current.top1, slot_table=table,
                                             fetched_bytes=current.fetched, stats=stats))
@@ -237,6 +249,7 @@ class StackRunner:
   # --- placement -------------------------------------------------------------------------------
 
   def _first_placement(self, stack, x):
+    """Layer 0 has no predecessor: the history (or, for the oracle, its true load)."""
     kind = self.config.predictor
     if not self.replicating or (self.config.first_layer == "none" and kind != "oracle"):
       return _no_placement(self.moe_cfg, x)
@@ -253,44 +266,34 @@ class StackRunner:
     """Placement + prefetch for layer `index` from the previous layer's input x."""
     if not self.replicating:
       return _no_placement(self.moe_cfg, x)
-    estimators = self._estimators(stack, index, x)
+    inputs = predictor_lib.LayerInputs(
+        x=x.reshape(-1, x.shape[-1]), next_router=self.layers[stack][index]["router"],
+        history=self.state.history[stack][index],
+        learned=None if self.learned is None else self.learned[stack][index - 1],
+        oracle=None if self.oracle_loads is None else self.oracle_loads[stack][index],
+        top_k=self.moe_cfg.top_k)
     if self.config.predictor == "dynamic":
-      load, top1 = _select(self.policy, [estimators[k]() for k in DYNAMIC_KINDS])
+      load, top1 = _select(self.policy, [predictor_lib.PREDICTORS[k].estimate(inputs)
+                                         for k in DYNAMIC_KINDS])
     else:
-      load, top1 = estimators[self.config.predictor]()
+      load, top1 = predictor_lib.PREDICTORS[self.config.predictor].estimate(inputs)
     return self._placement(stack, index, load, top1)
 
-  def _estimators(self, stack, index, x):
-    """kind -> thunk returning (load <f32>[E], per-token predicted top-1 <int32>[T] or -1)."""
-    tokens = x.reshape(-1, x.shape[-1])
-    top_k = self.moe_cfg.top_k
-
-    def from_logits(logits):
-      return (predictor_lib.choice_counts(logits, top_k),
-              jnp.argmax(logits, axis=-1).astype(jnp.int32))
-
-    return {
-        "history": lambda: (self.state.history[stack][index].astype(jnp.float32), _no_top1(x)),
-        "oracle": lambda: (self.oracle_loads[stack][index].astype(jnp.float32), _no_top1(x)),
-        "pregate": lambda: from_logits(predictor_lib.pregate_logits(
-            tokens, self.layers[stack][index]["router"])),
-        "learned": lambda: from_logits(predictor_lib.learned_logits(
-            self.learned[stack][index - 1], tokens)),
-    }
-
   def _placement(self, stack, index, load, top1):
-    params, cfg = self.layers[stack][index], self.moe_cfg
+    params, cfg, mesh = self.layers[stack][index], self.moe_cfg, self.mesh
+    r = self.config.num_replica_slots
     if not self.config.resident:
-      table = moe_layer.place(load, cfg, mesh=self.mesh)
-      weights = moe_layer.prefetch(params, table, cfg, mesh=self.mesh)
-      num_data, num_devices = mesh_lib.axis_sizes(self.mesh)
-      fetched = moe_layer.replica_bytes(table, params, cfg.num_experts // num_devices) * num_data
+      table = replicas_lib.place(load, cfg, num_replica_slots=r, mesh=mesh)
+      weights = replicas_lib.prefetch(params, table, cfg, mesh=mesh, execution=self.execution)
+      num_data, num_devices = mesh_lib.axis_sizes(mesh)
+      fetched = replicas_lib.replica_bytes(table, params, cfg.num_experts // num_devices) * num_data
     else:
       held_table = self.state.tables[stack][index]
-      table = moe_layer.place(load, cfg, mesh=self.mesh, previous_table=held_table,
-                              stickiness=self.config.stickiness)
-      weights, fetched = moe_layer.refresh(params, table, held_table,
-                                           self.state.replicas[stack][index], cfg, mesh=self.mesh)
+      table = replicas_lib.place(load, cfg, num_replica_slots=r, mesh=mesh,
+                                 previous_table=held_table, stickiness=self.config.stickiness)
+      weights, fetched = replicas_lib.refresh(params, table, held_table,
+                                              self.state.replicas[stack][index], cfg, mesh=mesh,
+                                              execution=self.execution)
     return _Placement(load=load, top1=top1, table=table, weights=weights, fetched=fetched)
 
 
@@ -314,5 +317,5 @@ def _no_top1(x):
   return jnp.full((x.shape[0] * x.shape[1],), -1, jnp.int32)
 
 
-def _home_table(cfg: MoEConfig, mesh):
-  return placement.home_slot_table(cfg.num_experts, mesh.shape["expert"], cfg.num_replica_slots)
+def _home_table(cfg: MoEConfig, num_replica_slots: int, mesh):
+  return placement.home_slot_table(cfg.num_experts, mesh.shape["expert"], num_replica_slots)

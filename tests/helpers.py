@@ -38,7 +38,8 @@ def zipf_routing(num_tokens: int, num_experts: int, top_k: int, s: float = 1.2, 
   rng = np.random.default_rng(seed)
   popularity = 1.0 / np.arange(1, num_experts + 1) ** s
   popularity = popularity[rng.permutation(num_experts)]
-  ids = np.stack([rng.choice(num_experts, size=top_k, replace=False, p=popularity / popularity.sum())
+  popularity = popularity / popularity.sum()
+  ids = np.stack([rng.choice(num_experts, size=top_k, replace=False, p=popularity)
                   for _ in range(num_tokens)]).astype(np.int32)
   weights = rng.uniform(0.2, 1.0, size=(num_tokens, top_k)).astype(np.float32)
   logits = np.zeros((num_tokens, num_experts), np.float32)

@@ -1,4 +1,4 @@
-"""Every file in configs/ loads, and its sub-trees become valid typed configs."""
+"""Every file in configs/ loads, and the tree becomes valid typed configs at the launch boundary."""
 
 import glob
 import importlib.util
@@ -7,7 +7,9 @@ import os
 import jax.numpy as jnp
 import pytest
 
-from moe_jax import presets, runtime
+from moe_jax import predictor
+from moe_jax.app import config as config_lib
+from moe_jax.app import presets, runtime
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
@@ -28,14 +30,14 @@ def test_there_are_configs():
 
 @pytest.mark.parametrize("path", FILES, ids=os.path.basename)
 def test_config_builds_typed_objects(path):
-  config = _load(path)
-  model_cfg = runtime.switch_config(config)
-  moe_cfg = runtime.moe_config(config, model_cfg, jnp.float32)
-  rcfg = runtime.replication_config(config)
-  assert moe_cfg.num_experts == model_cfg.num_experts and moe_cfg.top_k == 1
-  assert rcfg.predictor in ("none", "history", "pregate", "learned", "oracle")
-  assert config.mesh.data >= 1 and (config.mesh.expert == -1 or config.mesh.expert >= 1)
-  assert set(config.bench.dispatch_modes.split(",")) <= {"dropless", "capacity"}
+  job = config_lib.from_tree(_load(path))
+  moe_cfg = job.family.moe_config(job.model, jnp.float32)
+  assert moe_cfg.num_experts == job.model.num_experts and moe_cfg.top_k == 1
+  assert job.replication.predictor in predictor.KINDS
+  assert job.replication.num_replica_slots >= 0
+  assert job.mesh.data >= 1 and (job.mesh.expert == -1 or job.mesh.expert >= 1)
+  assert set(job.bench.capacity_modes) <= {"dropless", "capacity"}
+  assert dict(job.data.window) == {"encoder_len": 64, "decoder_len": 64}
 
 
 def test_bench_options():
@@ -46,28 +48,39 @@ def test_bench_options():
     _load(os.path.join(CONFIG_DIR, "bench.py"), "modle=switch_tiny")
 
 
-def test_typed_config_errors_name_the_field():
+@pytest.mark.parametrize("section, key, value, message", [
+    ("execution", "capacity_mode", "sometimes",
+     r"--config.execution: ExecutionConfig.capacity_mode='sometimes' is not one of"),
+    ("replication", "predictor", "crystal_ball", r"--config.replication: .*crystal_ball"),
+    ("replication", "num_replica_slots", -1, r"--config.replication: num_replica_slots=-1"),
+    ("model", "family", "gpt9", r"--config.model.family: .*gpt9"),
+    ("model", "d_model", 0, r"--config.model: "),
+])
+def test_typed_config_errors_name_the_flag(section, key, value, message):
   config = presets.switch_tiny()
-  config.moe.dispatch = "sometimes"
-  with pytest.raises(runtime.UsageError, match="config.moe: .*dispatch='sometimes'"):
-    runtime.moe_config(config, runtime.switch_config(config))
-  config = presets.switch_tiny()
-  config.replication.predictor = "crystal_ball"
-  with pytest.raises(runtime.UsageError, match="config.replication"):
-    runtime.replication_config(config)
+  config[section][key] = value
+  with pytest.raises(config_lib.UsageError, match=message):
+    config_lib.from_tree(config)
+
+
+def test_unknown_key_lists_the_closest_valid_ones():
+  config = presets.switch_tiny().to_dict()
+  config["execution"]["capacity_mod"] = "dropless"
+  with pytest.raises(config_lib.UsageError, match=r"did you mean --config.execution.capacity_mode"):
+    config_lib.from_tree(config)
 
 
 def test_mesh_that_does_not_fit():
-  config = presets.switch_tiny()
-  config.mesh.data, config.mesh.expert = 4, 4
-  with pytest.raises(runtime.UsageError, match="does not fit the 8 visible"):
-    runtime.make_mesh(config.mesh)
-  config.mesh.data, config.mesh.expert = 2, -1
-  assert dict(runtime.make_mesh(config.mesh).shape) == {"data": 2, "expert": 4}
+  job = config_lib.from_tree(presets.switch_tiny())
+  with pytest.raises(config_lib.UsageError, match="does not fit the 8 visible"):
+    runtime.make_mesh(config_lib.MeshConfig(data=4, expert=4))
+  assert dict(runtime.make_mesh(config_lib.MeshConfig(data=2, expert=-1)).shape) == {
+      "data": 2, "expert": 4}
+  assert job.mesh == config_lib.MeshConfig(data=1, expert=-1)
 
 
 def test_missing_checkpoint():
   config = presets.switch_tiny()
   config.checkpoint = "/nonexistent/dir"
-  with pytest.raises(runtime.UsageError, match="is not a directory"):
-    runtime.load_model(config)
+  with pytest.raises(config_lib.UsageError, match="is not a directory"):
+    runtime.load_model(config_lib.from_tree(config))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import moe_jax
+from moe_jax import replication
 
 
 def _cfg(**kw):
@@ -14,19 +15,65 @@ def _cfg(**kw):
   return moe_jax.MoEConfig(**base)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(top_k=9), "top_k=9 exceeds num_experts=8"),
-    (dict(capacity_factor=0.0), "capacity_factor must be > 0"),
-    (dict(capacity_factor=-1.0), "capacity_factor must be > 0"),
-    (dict(dispatch="sometimes"), "dispatch='sometimes' is not one of"),
-    (dict(activation="gelu"), "activation='gelu' is not one of"),
-    (dict(num_experts=0), "num_experts must be a positive int"),
-    (dict(num_replica_slots=-1), "num_replica_slots must be an int >= 0"),
-    (dict(dtype="float31"), "is not a dtype"),
+def _place(num_replica_slots):
+  return moe_jax.place(jnp.ones((8,)), _cfg(), num_replica_slots=num_replica_slots,
+                       mesh=moe_jax.make_mesh(1, 4))
+
+
+# What the layer is (MoEConfig), how a run executes it (ExecutionConfig), and how many replica
+# slots replication gives it (ReplicationConfig, or `place` directly): each rule fails where the
+# value is given, naming the field.
+@pytest.mark.parametrize("make,kwargs,match", [
+    (_cfg, dict(top_k=9), "MoEConfig.top_k=9 exceeds num_experts=8"),
+    (_cfg, dict(activation="gelu"), "MoEConfig.activation='gelu' is not one of"),
+    (_cfg, dict(num_experts=0), "MoEConfig.num_experts must be a positive int"),
+    (_cfg, dict(dtype="float31"), "is not a dtype"),
+    (moe_jax.ExecutionConfig, dict(capacity_factor=0.0),
+     "ExecutionConfig.capacity_factor must be > 0"),
+    (moe_jax.ExecutionConfig, dict(capacity_factor=-1.0),
+     "ExecutionConfig.capacity_factor must be > 0"),
+    (moe_jax.ExecutionConfig, dict(capacity_mode="sometimes"),
+     "ExecutionConfig.capacity_mode='sometimes' is not one of"),
+    (moe_jax.ExecutionConfig, dict(gmm_backend="magic"),
+     "ExecutionConfig.gmm_backend='magic' is not one of"),
+    (moe_jax.ExecutionConfig, dict(all_to_all="sometimes"),
+     "ExecutionConfig.all_to_all='sometimes' is not one of"),
+    (moe_jax.ExecutionConfig, dict(num_chunks=0), "ExecutionConfig.num_chunks must be a positive"),
+    (moe_jax.ExecutionConfig, dict(capacity=0), "ExecutionConfig.capacity must be None or a pos"),
+    (replication.ReplicationConfig, dict(num_replica_slots=-1),
+     "num_replica_slots=-1 must be an int >= 0"),
+    (replication.ReplicationConfig, dict(num_replica_slots=True),
+     "num_replica_slots=True must be an int >= 0"),
+    (_place, dict(num_replica_slots=-1), "num_replica_slots must be an int >= 0"),
 ])
-def test_bad_config(kwargs, match):
+def test_bad_config(make, kwargs, match):
   with pytest.raises(ValueError, match=match):
-    _cfg(**kwargs)
+    make(**kwargs)
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_slot_table_of_the_wrong_shape(width):
+  """r is read from the table's width; a table narrower than the h home slots, or with the wrong
+  number of rows, is refused at the boundary."""
+  cfg = _cfg()
+  params = moe_jax.init_moe_params(jax.random.key(0), cfg)
+  table = -np.ones((4 if width == 1 else 2, width), np.int32)
+  with pytest.raises(ValueError, match=r"slot_table has shape \(\d, \d\), expected \(4, "):
+    moe_jax.moe_apply(params, jnp.zeros((2, 4, 16)), cfg, mesh=moe_jax.make_mesh(1, 4),
+                      slot_table=table)
+
+
+def test_replica_weights_that_do_not_match_the_table():
+  cfg = _cfg()
+  mesh = moe_jax.make_mesh(1, 4)
+  params = moe_jax.init_moe_params(jax.random.key(0), cfg)
+  table = moe_jax.place(jnp.arange(8.0), cfg, num_replica_slots=2, mesh=mesh)
+  one_slot = moe_jax.prefetch(params, moe_jax.place(jnp.arange(8.0), cfg, num_replica_slots=1,
+                                                    mesh=mesh), cfg, mesh=mesh)
+  with pytest.raises(ValueError, match=r"replica_weights\['wi'\] has shape \(4, 16, 32\), "
+                     r"expected \(8, 16, 32\)"):
+    moe_jax.moe_apply(params, jnp.zeros((2, 4, 16)), cfg, mesh=mesh, slot_table=table,
+                      replica_weights=one_slot)
 
 
 def test_experts_not_divisible_by_expert_axis():

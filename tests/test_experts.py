@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import experts
+from moe_jax import config, experts, experts_cpu, grouped_matmul
 
 
 def _weights(g, d, f, gated, seed=0):
@@ -35,8 +35,8 @@ def test_grouped_ffn_matches_per_row(backend, activation, sizes):
   rows = 160  # more rows than sum(sizes): the rest is padding
   x = jax.random.normal(jax.random.key(3), (rows, 8))
   w = _weights(len(sizes), 8, 16, activation == "silu")
-  got = experts.grouped_ffn(x, jnp.asarray(sizes), w, activation=activation, backend=backend,
-                            window=32, tail_window=8)
+  got = grouped_matmul.grouped_ffn(x, jnp.asarray(sizes), w, activation=activation,
+                                   backend=backend, window=32, tail_window=8)
   want = _per_row(x, sizes, w, activation)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   assert np.all(np.asarray(got)[sum(sizes):] == 0)
@@ -56,7 +56,7 @@ def test_weight_segments_match_one_weight_stack(backend, bulk, split):
   tiling = dict(activation="relu", backend=backend, window=32, tail_window=8)
   if backend == "windowed":
     tiling["bulk"] = bulk
-  got = experts.grouped_ffn(x, jnp.asarray(sizes), segments, **tiling)
+  got = grouped_matmul.grouped_ffn(x, jnp.asarray(sizes), segments, **tiling)
   np.testing.assert_allclose(got, _per_row(x, sizes, w, "relu"), rtol=1e-5, atol=1e-5)
   assert np.all(np.asarray(got)[sum(sizes):] == 0)
 
@@ -90,8 +90,9 @@ def test_windowed_batched_pass_and_windows_match_per_row(case, activation, bulk)
   rows, sizes, window, tail_window = case
   x = jax.random.normal(jax.random.key(5), (rows, 8))
   w = _weights(len(sizes), 8, 16, activation == "silu", seed=1)
-  got = experts.grouped_ffn(x, jnp.asarray(sizes), w, activation=activation, backend="windowed",
-                            window=window, tail_window=tail_window, bulk=bulk)
+  got = grouped_matmul.grouped_ffn(x, jnp.asarray(sizes), w, activation=activation,
+                                   backend="windowed", window=window, tail_window=tail_window,
+                                   bulk=bulk)
   np.testing.assert_allclose(got, _per_row(x, sizes, w, activation), rtol=1e-5, atol=1e-5)
   assert np.all(np.asarray(got)[sum(sizes):] == 0)
 
@@ -103,35 +104,35 @@ def test_windowed_bfloat16_close_to_float32():
   want = _per_row(x, sizes, w, "relu")
   w16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), w)
   for bulk in (True, False):
-    got = experts.grouped_ffn(x.astype(jnp.bfloat16), jnp.asarray(sizes), w16, activation="relu",
-                              backend="windowed", bulk=bulk)
+    got = grouped_matmul.grouped_ffn(x.astype(jnp.bfloat16), jnp.asarray(sizes), w16,
+                                     activation="relu", backend="windowed", bulk=bulk)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=5e-2, atol=5e-2)
 
 
 def test_window_plan_shapes():
-  plan = experts.window_plan(1024, 8)
-  assert plan.bulk_rows >= 1024 // 8 and plan.bulk_rows % experts.MIN_TILE_ROWS == 0
+  plan = experts_cpu.window_plan(1024, 8)
+  assert plan.bulk_rows >= 1024 // 8 and plan.bulk_rows % experts_cpu.MIN_TILE_ROWS == 0
   assert plan.tiles == (8, 16, 32, 64, 128, 256) and plan.window == 256
-  assert experts.window_plan(100, 4, window=48, tail_window=16).tiles == (16, 32, 48)
+  assert experts_cpu.window_plan(100, 4, window=48, tail_window=16).tiles == (16, 32, 48)
   with pytest.raises(ValueError, match="window"):
-    experts.window_plan(8, 2, window=0)
+    experts_cpu.window_plan(8, 2, window=0)
 
 
 def test_windows_cost_counts_whole_windows_and_one_tile_per_remainder():
-  plan = experts.window_plan(1024, 4)                       # window 256, tiles 8 ... 256
+  plan = experts_cpu.window_plan(1024, 4)                       # window 256, tiles 8 ... 256
   rows = jnp.asarray([0, 5, 256, 300], jnp.int32)           # -, tile 8, 1 window, 1 window + 64
   want = (27 + 8) + (27 + 256) + (27 + 256) + (27 + 64)
-  assert float(experts.windows_cost(rows, plan, weight_cost_rows=27)) == want
+  assert float(experts_cpu.windows_cost(rows, plan, weight_cost_rows=27)) == want
 
 
 def test_bulk_pays_for_balanced_many_groups_not_for_few_rows():
   balanced = jnp.asarray([26, 38] * 16, jnp.int32)          # 1024 rows, 32 groups near 32 rows
-  assert bool(experts.bulk_pays(balanced, experts.window_plan(1024, 32)))
+  assert bool(experts_cpu.bulk_pays(balanced, experts_cpu.window_plan(1024, 32)))
   decoding = jnp.zeros((128,), jnp.int32).at[jnp.arange(8) * 16].set(1)   # 8 rows, 128 groups
-  assert not bool(experts.bulk_pays(decoding, experts.window_plan(8, 128)))
+  assert not bool(experts_cpu.bulk_pays(decoding, experts_cpu.window_plan(8, 128)))
   padded = balanced // 8                                    # a buffer 8x larger than the rows
-  assert not bool(experts.bulk_pays(padded, experts.window_plan(8 * 1024, 32)))
+  assert not bool(experts_cpu.bulk_pays(padded, experts_cpu.window_plan(8 * 1024, 32)))
 
 
 def test_capacity_ffn_matches_loop():
@@ -143,7 +144,12 @@ def test_capacity_ffn_matches_loop():
                                rtol=1e-5, atol=1e-6)
 
 
+def test_backend_table_matches_the_config_choices():
+  assert set(grouped_matmul.BACKENDS) == set(config.GMM_BACKENDS) - {"auto"}
+  assert grouped_matmul.default_backend() == "windowed"          # the tests run on CPU
+
+
 def test_unknown_backend_names_choices():
   with pytest.raises(ValueError, match="windowed"):
-    experts.grouped_ffn(jnp.zeros((4, 2)), jnp.asarray([4]), _weights(1, 2, 2, False),
-                        activation="relu", backend="magic")
+    grouped_matmul.grouped_ffn(jnp.zeros((4, 2)), jnp.asarray([4]), _weights(1, 2, 2, False),
+                               activation="relu", backend="magic")

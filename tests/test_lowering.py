@@ -6,27 +6,27 @@ import jax
 import jax.numpy as jnp
 
 import moe_jax
-from moe_jax import replication
+from moe_jax import replicas, replication
 from moe_jax.models import moe_stack
 from tests import helpers
 
 
-def _lowered_text(cfg, mesh, jaxpr=False):
+def _lowered_text(cfg, mesh, execution=None, jaxpr=False):
   params = helpers.skewed_params(cfg)
   x = helpers.skewed_tokens(cfg, 4, 8)
-  fn = jax.jit(lambda p, x: moe_jax.moe_apply(p, x, cfg, mesh=mesh)[0])
+  fn = jax.jit(lambda p, x: moe_jax.moe_apply(p, x, cfg, execution=execution, mesh=mesh)[0])
   if jaxpr:
     return str(jax.make_jaxpr(fn)(params, x))
   return fn.lower(params, x).as_text()
 
 
 def test_ragged_all_to_all_is_lowered_when_selected():
-  cfg = moe_jax.MoEConfig(num_experts=8, d_model=16, d_ff=32, all_to_all="ragged",
-                          gmm_backend="ragged_dot")
+  cfg = moe_jax.MoEConfig(num_experts=8, d_model=16, d_ff=32)
+  execution = moe_jax.ExecutionConfig(all_to_all="ragged", gmm_backend="ragged_dot")
   mesh = moe_jax.make_mesh(2, 4)
-  assert "ragged_all_to_all" in _lowered_text(cfg, mesh)
+  assert "ragged_all_to_all" in _lowered_text(cfg, mesh, execution)
   # XLA:CPU's lowering expands ragged_dot into dense ops, so look for it one level up.
-  assert "ragged_dot" in _lowered_text(cfg, mesh, jaxpr=True)
+  assert "ragged_dot" in _lowered_text(cfg, mesh, execution, jaxpr=True)
 
 
 def test_cpu_default_uses_padded_all_to_all_and_no_ragged_ops():
@@ -50,7 +50,7 @@ def test_replica_placement_adds_no_collective_to_the_stack():
   left to sharding propagation, its [De, h + r] tables were split over 'expert' and gathered back:
   15 all-gathers and 4 all-reduces for these 3 layers against none's 6 and 1 (when the router's
   top-k still gathered its input too), each a device-wide sync point."""
-  cfg = moe_jax.MoEConfig(num_experts=8, d_model=16, d_ff=32, num_replica_slots=2)
+  cfg = moe_jax.MoEConfig(num_experts=8, d_model=16, d_ff=32)
   mesh = moe_jax.make_mesh(1, 2)
   params = moe_stack.init(jax.random.key(0), cfg, 3)
   h = helpers.skewed_tokens(cfg, 4, 8)
@@ -58,7 +58,8 @@ def test_replica_placement_adds_no_collective_to_the_stack():
   def compiled(rcfg):
     state = replication.init_state({moe_stack.STACK: 3}, cfg.num_experts)
     if rcfg.resident:
-      state = replication.with_resident_replicas(state, moe_stack.moe_layers(params), cfg, mesh)
+      state = replication.with_resident_replicas(state, moe_stack.moe_layers(params), cfg,
+                                                 rcfg.num_replica_slots, mesh)
 
     def step(params, h, state):
       runner = replication.StackRunner(rcfg, cfg, mesh, moe_stack.moe_layers(params), state)
@@ -67,7 +68,7 @@ def test_replica_placement_adds_no_collective_to_the_stack():
 
   none = _collectives(compiled(replication.ReplicationConfig()))
   history = _collectives(compiled(replication.ReplicationConfig(
-      predictor="history", resident=True, stickiness=0.1)))
+      predictor="history", num_replica_slots=2, resident=True, stickiness=0.1)))
   assert none["gather"] > 0, none        # the layers' own count all-gathers are seen
   assert history == none
 
@@ -76,15 +77,15 @@ def test_refresh_updates_held_replicas_in_place():
   """A padded refresh rewrites the changed replica column inside its `cond`, in place: no copy of
   a whole held replica buffer (the global masked scatter it replaced copied each weight's buffer
   into and out of the branch: 8 copies here), and every exchange stays inside a `cond`."""
-  cfg = moe_jax.MoEConfig(num_experts=8, d_model=16, d_ff=32, num_replica_slots=2)
+  cfg = moe_jax.MoEConfig(num_experts=8, d_model=16, d_ff=32)
   mesh = moe_jax.make_mesh(1, 2)
-  params = moe_jax.moe_layer.init_moe_params(jax.random.key(0), cfg)
-  held = moe_jax.moe_layer.empty_replicas(params, cfg, mesh=mesh)
+  params = moe_jax.init_moe_params(jax.random.key(0), cfg)
+  held = replicas.empty_replicas(params, 2, mesh=mesh)
   home_only = jnp.array([[0, 1, 2, 3, -1, -1], [4, 5, 6, 7, -1, -1]], jnp.int32)
   new = jnp.array([[0, 1, 2, 3, 4, -1], [4, 5, 6, 7, 0, 1]], jnp.int32)
 
   def refresh(params, new, old, held):
-    return moe_jax.moe_layer.refresh(params, new, old, held, cfg, mesh=mesh)
+    return replicas.refresh(params, new, old, held, cfg, mesh=mesh)
   text = jax.jit(refresh, donate_argnums=3).lower(params, new, home_only, held).compile().as_text()
   buffers = {f"f32[2,{a},{b}]" for a, b in ((16, 32), (32, 16))}   # one device's [r, ...] weights
   copies = [line for line in text.splitlines()

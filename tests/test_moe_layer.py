@@ -1,4 +1,4 @@
-"""moe_apply against the dense oracle, over dispatch modes, k, E and meshes."""
+"""moe_apply against the dense oracle, over capacity modes, k, E and meshes."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ from moe_jax import reference
 from tests import helpers
 
 
-def _oracle(params, x, cfg, stats, mesh_shape, token_mask=None, copies=None):
+def _oracle(params, x, cfg, execution, stats, mesh_shape, token_mask=None, copies=None):
   batch, length, d = x.shape
   routing = stats.routing
   ids = np.asarray(routing.expert_ids)
@@ -18,11 +18,12 @@ def _oracle(params, x, cfg, stats, mesh_shape, token_mask=None, copies=None):
   if token_mask is not None:
     mask = mask & np.asarray(token_mask).reshape(-1, 1)
   keep = mask
-  if cfg.dispatch == "capacity":
+  if execution.capacity_mode == "capacity":
     groups = reference.routing_groups(batch, length, *mesh_shape)
     group_size = len(groups[0])
     copies = np.ones(cfg.num_experts, int) if copies is None else copies
-    keep = reference.capacity_keep(ids, mask, groups, capacity=cfg.group_capacity(group_size),
+    keep = reference.capacity_keep(ids, mask, groups,
+                                   capacity=execution.group_capacity(cfg, group_size),
                                    copies=copies)
   y = reference.dense_moe(params, x.reshape(-1, d), ids, routing.combine_weights, keep,
                           activation=cfg.activation)
@@ -32,37 +33,39 @@ def _oracle(params, x, cfg, stats, mesh_shape, token_mask=None, copies=None):
 @pytest.mark.parametrize("mesh_shape", helpers.MESHES)
 @pytest.mark.parametrize("num_experts", [8, 16])
 @pytest.mark.parametrize("top_k", [1, 2])
-@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
-def test_matches_dense_oracle(dispatch, top_k, num_experts, mesh_shape):
-  cfg = moe_jax.MoEConfig(num_experts=num_experts, top_k=top_k, d_model=16, d_ff=32,
-                          dispatch=dispatch, capacity_factor=1.0)
+@pytest.mark.parametrize("capacity_mode", ["dropless", "capacity"])
+def test_matches_dense_oracle(capacity_mode, top_k, num_experts, mesh_shape):
+  cfg = moe_jax.MoEConfig(num_experts=num_experts, top_k=top_k, d_model=16, d_ff=32)
+  execution = moe_jax.ExecutionConfig(capacity_mode=capacity_mode, capacity_factor=1.0)
   params = helpers.skewed_params(cfg)
   # 8 x 7 tokens: with 8 expert devices the data shard does not split evenly -> padding rows.
   x = helpers.skewed_tokens(cfg, 8, 7)
   mesh = moe_jax.make_mesh(*mesh_shape)
-  y, stats = moe_jax.moe_apply(params, x, cfg, mesh=mesh)
-  want, want_dropped = _oracle(params, x, cfg, stats, mesh_shape)
+  y, stats = moe_jax.moe_apply(params, x, cfg, execution=execution, mesh=mesh)
+  want, want_dropped = _oracle(params, x, cfg, execution, stats, mesh_shape)
   assert helpers.rel_err(y, want) <= 1e-5
   assert int(stats.dropped_choices) == want_dropped
   assert int(stats.total_choices) == 8 * 7 * top_k
   assert int(np.sum(stats.tokens_per_device)) == 8 * 7 * top_k - want_dropped
-  if dispatch == "capacity" and top_k == 1 and num_experts == 8:
+  if capacity_mode == "capacity" and top_k == 1 and num_experts == 8:
     assert want_dropped > 0, "the skewed case should overflow capacity"
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 8), (2, 4)])
-@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
-def test_token_mask_padding_rows(dispatch, mesh_shape):
-  cfg = moe_jax.MoEConfig(num_experts=8, top_k=2, d_model=16, d_ff=32, dispatch=dispatch,
-                          capacity_factor=1.0, renormalize=True)
+@pytest.mark.parametrize("capacity_mode", ["dropless", "capacity"])
+def test_token_mask_padding_rows(capacity_mode, mesh_shape):
+  cfg = moe_jax.MoEConfig(num_experts=8, top_k=2, d_model=16, d_ff=32, renormalize=True)
+  execution = moe_jax.ExecutionConfig(capacity_mode=capacity_mode, capacity_factor=1.0)
   params = helpers.skewed_params(cfg)
   x = helpers.skewed_tokens(cfg, 4, 10)
   token_mask = np.ones((4, 10), bool)
   token_mask[:, 6:] = False      # padded tail of every sequence
   token_mask[3] = False          # and one all-padding row
-  y, stats = moe_jax.moe_apply(params, x, cfg, mesh=moe_jax.make_mesh(*mesh_shape),
+  y, stats = moe_jax.moe_apply(params, x, cfg, execution=execution,
+                               mesh=moe_jax.make_mesh(*mesh_shape),
                                token_mask=jnp.asarray(token_mask))
-  want, want_dropped = _oracle(params, x, cfg, stats, mesh_shape, token_mask=token_mask)
+  want, want_dropped = _oracle(params, x, cfg, execution, stats, mesh_shape,
+                               token_mask=token_mask)
   assert helpers.rel_err(y, want) <= 1e-5
   assert np.all(np.asarray(y)[~token_mask] == 0)
   assert int(stats.dropped_choices) == want_dropped
@@ -72,12 +75,12 @@ def test_token_mask_padding_rows(dispatch, mesh_shape):
 @pytest.mark.parametrize("all_to_all", ["padded", "emulated_ragged"])
 @pytest.mark.parametrize("gmm_backend", ["windowed", "dense", "ragged_dot"])
 def test_exchange_and_backends_agree(all_to_all, gmm_backend):
-  cfg = moe_jax.MoEConfig(num_experts=8, top_k=2, d_model=16, d_ff=32, activation="silu",
-                          all_to_all=all_to_all, gmm_backend=gmm_backend)
+  cfg = moe_jax.MoEConfig(num_experts=8, top_k=2, d_model=16, d_ff=32, activation="silu")
+  execution = moe_jax.ExecutionConfig(all_to_all=all_to_all, gmm_backend=gmm_backend)
   params = helpers.skewed_params(cfg)
   x = helpers.skewed_tokens(cfg, 4, 16)
-  y, stats = moe_jax.moe_apply(params, x, cfg, mesh=moe_jax.make_mesh(2, 4))
-  want, _ = _oracle(params, x, cfg, stats, (2, 4))
+  y, stats = moe_jax.moe_apply(params, x, cfg, execution=execution, mesh=moe_jax.make_mesh(2, 4))
+  want, _ = _oracle(params, x, cfg, execution, stats, (2, 4))
   assert helpers.rel_err(y, want) <= 1e-5
 
 
@@ -110,25 +113,43 @@ def test_jit_and_bf16():
   assert helpers.rel_err(y, y32) < 3e-2
 
 
-@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
-def test_num_chunks_gives_identical_outputs(dispatch):
-  cfg = moe_jax.MoEConfig(num_experts=8, top_k=2, d_model=16, d_ff=32, dispatch=dispatch,
-                          capacity_factor=1.0, num_replica_slots=1)
+@pytest.mark.parametrize("capacity_mode", ["dropless", "capacity"])
+def test_num_chunks_gives_identical_outputs(capacity_mode):
+  cfg = moe_jax.MoEConfig(num_experts=8, top_k=2, d_model=16, d_ff=32)
+  execution = moe_jax.ExecutionConfig(capacity_mode=capacity_mode, capacity_factor=1.0)
   params = helpers.skewed_params(cfg)
   x = helpers.skewed_tokens(cfg, 4, 12)
   mesh = moe_jax.make_mesh(2, 4)
-  table = moe_jax.place(jnp.arange(8.0)[::-1], cfg, mesh=mesh)
+  table = moe_jax.place(jnp.arange(8.0)[::-1], cfg, num_replica_slots=1, mesh=mesh)
+  assert table.shape == (4, 2 + 1), "h = 2 home slots + r = 1 replica slot per device"
   outputs = []
   for chunks in (1, 2, 4):
-    fn = jax.jit(lambda p, x, c=cfg.replace(num_chunks=chunks): moe_jax.moe_apply(
-        p, x, c, mesh=mesh, slot_table=table))
+    fn = jax.jit(lambda p, x, e=execution.replace(num_chunks=chunks): moe_jax.moe_apply(
+        p, x, cfg, execution=e, mesh=mesh, slot_table=table))
     y, stats = fn(params, x)
     outputs.append((np.asarray(y), int(stats.dropped_choices), np.asarray(stats.tokens_per_slot)))
     a2a = str(jax.make_jaxpr(fn)(params, x)).count("all_to_all[")
     # Capacity chunks split the C = 2 buffer rows per slot, so at most 2 chunks there.
-    expected = chunks if dispatch == "dropless" else min(chunks, cfg.group_capacity(6))
+    expected = (chunks if capacity_mode == "dropless"
+                else min(chunks, execution.group_capacity(cfg, 6)))
     assert a2a == 2 * expected + 2, "dispatch + combine per chunk, plus the prefetch of wi and wo"
   for y, dropped, per_slot in outputs[1:]:
     assert helpers.rel_err(y, outputs[0][0]) <= 1e-6
     assert dropped == outputs[0][1]
     np.testing.assert_array_equal(per_slot, outputs[0][2])
+
+
+def test_no_slot_table_means_no_replica_exchange():
+  """r is the slot table's width minus h: without a table (or with a home-only one) the layer
+  runs no replica prefetch, only its dispatch and combine all-to-alls."""
+  cfg = moe_jax.MoEConfig(num_experts=8, top_k=2, d_model=16, d_ff=32)
+  params = helpers.skewed_params(cfg)
+  x = helpers.skewed_tokens(cfg, 4, 12)
+  mesh = moe_jax.make_mesh(2, 4)
+  home_only = moe_jax.home_slot_table(8, 4)
+  for table in (None, home_only):
+    fn = lambda p, x, t=table: moe_jax.moe_apply(p, x, cfg, mesh=mesh, slot_table=t)
+    assert str(jax.make_jaxpr(fn)(params, x)).count("all_to_all[") == 2
+  y_none, _ = fn(params, x, None)
+  y_home, _ = fn(params, x, home_only)
+  np.testing.assert_array_equal(y_none, y_home)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import moe_jax
-from moe_jax import metrics, predictor, predictor_training
+from moe_jax import metrics, predictor
+from moe_jax.app import predictor_training
 from moe_jax.models import moe_stack
 from tests import helpers
 

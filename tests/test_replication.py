@@ -7,16 +7,21 @@ import numpy as np
 import pytest
 
 import moe_jax
-from moe_jax import predictor, replication
+from moe_jax import placement, predictor, replication
 from moe_jax.models import moe_stack
 from tests import helpers
 
 LAYERS = 3
+R = 2                                  # replica slots per device (ReplicationConfig's r)
 KINDS = replication.DYNAMIC_KINDS
 
 
+def _rcfg(predictor_kind="none", **kw):
+  return replication.ReplicationConfig(predictor=predictor_kind, num_replica_slots=R, **kw)
+
+
 def _stack(mesh_shape=(2, 4), top_k=1):
-  cfg = moe_jax.MoEConfig(num_experts=8, top_k=top_k, d_model=16, d_ff=32, num_replica_slots=2)
+  cfg = moe_jax.MoEConfig(num_experts=8, top_k=top_k, d_model=16, d_ff=32)
   params = moe_stack.init(jax.random.key(0), cfg, LAYERS)
   for layer in params["layers"]:   # skew every router towards low expert ids
     layer["moe"]["router"] = helpers.skewed_params(cfg)["router"]
@@ -50,12 +55,11 @@ def test_every_predictor_gives_the_same_output(top_k):
   holds it to the static ones), including deliberately wrong learned and oracle loads."""
   cfg, params, h, mesh = _stack(top_k=top_k)
   state = replication.init_state({moe_stack.STACK: LAYERS}, cfg.num_experts)
-  reference, none_records, state = _jit_run(cfg, mesh, replication.ReplicationConfig())(
-      params, h, state, {})
+  reference, none_records, state = _jit_run(cfg, mesh, _rcfg())(params, h, state, {})
   true = jnp.stack([r.stats.tokens_per_expert for r in none_records[moe_stack.STACK]])
   oracle = {moe_stack.STACK: true.astype(jnp.float32)}
   reversed_oracle = {moe_stack.STACK: true.max() - oracle[moe_stack.STACK]}
-  dynamic = _jit_run(cfg, mesh, replication.ReplicationConfig(predictor="dynamic"))
+  dynamic = _jit_run(cfg, mesh, _rcfg("dynamic"))
   variants = [(kind, _learned(cfg, params), oracle) for kind in KINDS] + [
       ("learned", _learned(cfg, params, reverse=True), oracle),
       ("oracle", _learned(cfg, params), reversed_oracle)]
@@ -64,14 +68,14 @@ def test_every_predictor_gives_the_same_output(top_k):
         learned=learned, oracle_loads=loads, policy=jnp.int32(replication.policy_index(kind))))
     assert helpers.rel_err(out, reference) <= 1e-6, kind
     tables = [np.asarray(r.slot_table) for r in records[moe_stack.STACK]]
+    assert all(t.shape == (4, 2 + R) for t in tables), "h = 2 home + R replica slots"
     assert any((t[:, 2:] >= 0).any() for t in tables), f"{kind} placed no replica at all"
 
 
 def test_oracle_and_pregate_balance_better_than_none():
   cfg, params, h, mesh = _stack(mesh_shape=(1, 8))
   state = replication.init_state({moe_stack.STACK: LAYERS}, cfg.num_experts)
-  run = lambda kind, **kw: _jit_run(cfg, mesh, replication.ReplicationConfig(predictor=kind))(
-      params, h, state, kw)[1]
+  run = lambda kind, **kw: _jit_run(cfg, mesh, _rcfg(kind))(params, h, state, kw)[1]
   none_records = run("none")
   true = jnp.stack([r.stats.tokens_per_expert for r in none_records[moe_stack.STACK]])
   oracle_records = run("oracle", oracle_loads={moe_stack.STACK: true.astype(jnp.float32)})
@@ -87,7 +91,7 @@ def test_oracle_and_pregate_balance_better_than_none():
 def test_history_state_is_an_ema_of_true_loads():
   cfg, params, h, mesh = _stack()
   state = replication.init_state({moe_stack.STACK: LAYERS}, cfg.num_experts)
-  run = _jit_run(cfg, mesh, replication.ReplicationConfig(predictor="history", history_decay=0.5))
+  run = _jit_run(cfg, mesh, _rcfg("history", history_decay=0.5))
   _, records, state1 = run(params, h, state, {})
   true = np.stack([np.asarray(r.stats.tokens_per_expert) for r in records[moe_stack.STACK]])
   np.testing.assert_allclose(state1.history[moe_stack.STACK], true)
@@ -101,7 +105,7 @@ def test_history_state_is_an_ema_of_true_loads():
 def test_prefetch_of_each_layer_does_not_depend_on_the_previous_layer_output():
   cfg, params, h, mesh = _stack()
   state = replication.init_state({moe_stack.STACK: LAYERS}, cfg.num_experts)
-  rcfg = replication.ReplicationConfig(predictor="pregate")
+  rcfg = _rcfg("pregate")
   fn = lambda params, h: _run(cfg, params, h, mesh, rcfg, state)[0]
   jaxpr = jax.make_jaxpr(fn)(params, h).jaxpr
   # Top-level shard_maps in program order: per layer, the next layer's prefetch (inputs: weights +
@@ -147,17 +151,17 @@ def _forward_taint(jaxpr, tainted):
 def test_dynamic_policy_matches_each_static_policy():
   cfg, params, h, mesh = _stack(mesh_shape=(1, 8))
   state = replication.init_state({moe_stack.STACK: LAYERS}, cfg.num_experts)
-  _, none_records, state = _jit_run(cfg, mesh, replication.ReplicationConfig())(params, h, state, {})
-  oracle = {moe_stack.STACK: jnp.stack([r.stats.tokens_per_expert
-                                        for r in none_records[moe_stack.STACK]]).astype(jnp.float32)}
+  _, none_records, state = _jit_run(cfg, mesh, _rcfg())(params, h, state, {})
+  true = jnp.stack([r.stats.tokens_per_expert for r in none_records[moe_stack.STACK]])
+  oracle = {moe_stack.STACK: true.astype(jnp.float32)}
   learned = _learned(cfg, params)
-  dynamic = _jit_run(cfg, mesh, replication.ReplicationConfig(predictor="dynamic"))
+  dynamic = _jit_run(cfg, mesh, _rcfg("dynamic"))
   for kind in replication.DYNAMIC_KINDS:
     kw = {"learned": learned, "oracle_loads": oracle}
-    _, got, _ = dynamic(params, h, state, dict(kw, policy=jnp.int32(replication.policy_index(kind))))
+    policy = jnp.int32(replication.policy_index(kind))
+    _, got, _ = dynamic(params, h, state, dict(kw, policy=policy))
     static_kw = {"learned": {"learned": learned}, "oracle": {"oracle_loads": oracle}}.get(kind, {})
-    _, want, _ = _jit_run(cfg, mesh, replication.ReplicationConfig(predictor=kind))(
-        params, h, state, static_kw)
+    _, want, _ = _jit_run(cfg, mesh, _rcfg(kind))(params, h, state, static_kw)
     for a, b in zip(got[moe_stack.STACK], want[moe_stack.STACK]):
       np.testing.assert_array_equal(a.slot_table, b.slot_table)
       np.testing.assert_allclose(a.predicted_load, b.predicted_load)
@@ -166,11 +170,14 @@ def test_dynamic_policy_matches_each_static_policy():
 def _held_replicas_match_home(state, params, cfg, mesh):
   """Every held replica slot holds exactly its table's expert's home weights (zeros if empty)."""
   num_devices = mesh.shape["expert"]
-  h, r = cfg.num_experts // num_devices, cfg.num_replica_slots
+  h = cfg.num_experts // num_devices
   for layer, table, held in zip(params["layers"], np.asarray(state.tables[moe_stack.STACK]),
                                 state.replicas[moe_stack.STACK]):
+    r = placement.num_replica_slots(table, cfg.num_experts)
+    assert r == R, "the held tables are R replica slots wide"
     for name, weights in held.items():
       home, weights = np.asarray(layer["moe"][name]), np.asarray(weights)
+      assert weights.shape == (num_devices * r,) + home.shape[1:]
       for dev in range(num_devices):
         for c in range(r):
           expert = table[dev, h + c]
@@ -183,11 +190,11 @@ def test_resident_replicas_keep_outputs_and_fetch_only_changed_slots(kind, stick
   """Across drifting batches, resident replicas give the none policy's output at every step, hold
   the right weights, and count as fetched only the slots whose expert changed."""
   cfg, params, _, mesh = _stack()
-  rcfg = replication.ReplicationConfig(predictor=kind, resident=True, stickiness=stickiness)
+  rcfg = _rcfg(kind, resident=True, stickiness=stickiness)
   state = replication.init_state({moe_stack.STACK: LAYERS}, cfg.num_experts)
-  state = replication.with_resident_replicas(state, moe_stack.moe_layers(params), cfg, mesh)
+  state = replication.with_resident_replicas(state, moe_stack.moe_layers(params), cfg, R, mesh)
   structure = jax.tree.structure(state)
-  none, run = _jit_run(cfg, mesh, replication.ReplicationConfig()), _jit_run(cfg, mesh, rcfg)
+  none, run = _jit_run(cfg, mesh, _rcfg()), _jit_run(cfg, mesh, rcfg)
   expert_bytes = 2 * cfg.d_model * cfg.d_ff * 4 * mesh.shape["data"]
   fetched_any = False
   for step in range(4):
@@ -208,7 +215,7 @@ def test_resident_replicas_keep_outputs_and_fetch_only_changed_slots(kind, stick
 
 def test_sticky_resident_tables_move_nothing_on_a_repeated_batch():
   cfg, params, h, mesh = _stack()
-  rcfg = replication.ReplicationConfig(predictor="pregate", resident=True, stickiness=0.5)
+  rcfg = _rcfg("pregate", resident=True, stickiness=0.5)
   state = replication.init_state({moe_stack.STACK: LAYERS}, cfg.num_experts)  # filled lazily
   run = _jit_run(cfg, mesh, rcfg)
   _, first, state = run(params, h, state, {})
@@ -225,3 +232,17 @@ def test_stickiness_needs_resident_replicas():
     replication.ReplicationConfig(predictor="history", stickiness=0.2)
   with pytest.raises(ValueError, match=r"stickiness=1.5 must be in \[0, 1\)"):
     replication.ReplicationConfig(predictor="history", resident=True, stickiness=1.5)
+
+
+def test_zero_replica_slots_place_nothing():
+  """r = 0 in the ReplicationConfig: a replicating predictor runs home slots only, its records
+  hold home-only tables (width h), and the output is the none policy's."""
+  cfg, params, h, mesh = _stack()
+  state = replication.init_state({moe_stack.STACK: LAYERS}, cfg.num_experts)
+  rcfg = replication.ReplicationConfig(predictor="pregate", num_replica_slots=0)
+  out, records, _ = _jit_run(cfg, mesh, rcfg)(params, h, state, {})
+  reference, _, _ = _jit_run(cfg, mesh, _rcfg())(params, h, state, {})
+  np.testing.assert_array_equal(out, reference)
+  for record in records[moe_stack.STACK]:
+    np.testing.assert_array_equal(record.slot_table, moe_jax.home_slot_table(8, 4))
+    assert float(record.fetched_bytes) == 0.0

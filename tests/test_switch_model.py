@@ -9,6 +9,7 @@ import functools
 import importlib.util
 import math
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +18,11 @@ import pytest
 from safetensors.numpy import load_file
 
 import moe_jax
+from moe_jax import models
+from moe_jax.config import ExecutionConfig
 from moe_jax.models import switch
-from moe_jax.models import t5_layers
-from moe_jax.models.switch_config import SwitchConfig, sparse_block_indices
+from moe_jax.models.switch import layers as t5_layers
+from moe_jax.models.switch import SwitchConfig, sparse_block_indices
 from tests import helpers
 
 FIXTURE_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "switch")
@@ -31,7 +34,7 @@ TOLERANCE = 1e-4
 
 
 def _read_params(path: str, cfg: SwitchConfig) -> dict:
-  """HF state dict -> the params tree of switch_config.py (Dense kernels transposed)."""
+  """HF state dict -> the params tree of models/switch/config.py (Dense kernels transposed)."""
   sd = load_file(os.path.join(path, "model.safetensors"))
   kernel = lambda key: sd[key].T
 
@@ -166,20 +169,20 @@ def test_replicas_do_not_change_outputs():
   """A hook that runs every sparse layer with its own replica placement changes nothing."""
   mesh_shape = (2, 4)
   mesh = _mesh(mesh_shape)
-  model, ref = _model("tied_step2", mesh_shape, moe_overrides=dict(num_replica_slots=1))
+  model, ref = _model("tied_step2", mesh_shape)
   num_experts = model.config.num_experts
   tables = {}
   for stack in ("encoder", "decoder"):
     for index in range(len(model.config.sparse_blocks(stack))):
       load = np.roll(np.arange(num_experts, 0, -1) ** 2, index + 3 * (stack == "decoder"))
       tables[stack, index] = moe_jax.place(jnp.asarray(load, jnp.float32), model.moe_config,
-                                           mesh=mesh)
+                                           num_replica_slots=1, mesh=mesh)
   home = moe_jax.home_slot_table(num_experts, mesh_shape[1], 1)
   assert all(not np.array_equal(t, home) for t in tables.values())
 
   def replicated(stack, sparse_index, ff_params, x_normed, routing):
-    return moe_jax.moe_apply(ff_params, x_normed, model.moe_config, mesh=mesh, routing=routing,
-                             slot_table=tables[stack, sparse_index])
+    return moe_jax.moe_apply(ff_params, x_normed, model.moe_config, execution=model.execution,
+                             mesh=mesh, routing=routing, slot_table=tables[stack, sparse_index])
 
   out = _forward(model, ref, moe_fn=replicated)
   _check_forward(out, ref)
@@ -203,14 +206,15 @@ def test_bfloat16_runs_close_to_float32():
 
 
 def test_from_pretrained_matches_private_reader():
-  if importlib.util.find_spec("moe_jax.checkpoints.hf_switch") is None:
-    pytest.skip("moe_jax.checkpoints.hf_switch is not there yet")
   cfg, params, ref = _fixture("untied")
   model = switch.from_pretrained(os.path.join(FIXTURE_DIR, "untied"), mesh=_mesh((2, 4)))
   assert model.config == cfg
   jax.tree_util.tree_map(np.testing.assert_array_equal, model.params, params)
   _check_forward(_forward(model, ref), ref)
-  assert switch.load_tokenizer(os.path.join(FIXTURE_DIR, "untied")) is None
+  # The registry picks the family from config.json's model_type and loads the same model.
+  generic = models.from_pretrained(os.path.join(FIXTURE_DIR, "untied"), mesh=_mesh((2, 4)))
+  assert isinstance(generic, switch.Model) and generic.config == cfg
+  jax.tree_util.tree_map(np.testing.assert_array_equal, generic.params, params)
 
 
 # --- relative position buckets ---
@@ -296,14 +300,16 @@ def test_released_configs(num_experts):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  cfg = switch.config_from_dict(config.model)
+  model_tree = dict(config.model)
+  assert model_tree.pop("family") == switch.NAME
+  cfg = switch.config_from_dict(model_tree)
   assert cfg.num_experts == num_experts and cfg.expert_capacity == 64
   assert (cfg.d_model, cfg.d_ff, cfg.d_kv, cfg.num_heads) == (768, 3072, 64, 12)
   assert cfg.sparse_blocks("encoder") == cfg.sparse_blocks("decoder") == (1, 3, 5, 7, 9, 11)
   assert cfg.tie_word_embeddings and cfg.vocab_size == 32128
-  layer_fields = {k: v for k, v in config.moe.items() if k != "predictor"}
-  moe_cfg = switch.moe_config_for(cfg, jnp.float32, layer_fields)
-  assert moe_cfg.dispatch == "dropless" and moe_cfg.top_k == 1
+  moe_cfg = switch.moe_config(cfg, jnp.float32)
+  assert moe_cfg.top_k == 1 and moe_cfg.activation == "relu" and moe_cfg.d_ff == 3072
+  assert config.execution.capacity_mode == "dropless"
   assert (config.mesh.data, config.mesh.expert) == (1, -1)
 
 
@@ -314,10 +320,8 @@ def test_errors_name_the_fix():
   cfg, params, ref = _fixture("tied_step2")
   with pytest.raises(ValueError, match="sparse-step rule"):
     switch.SwitchModel(cfg.replace(encoder_sparse_step=1), params)
-  with pytest.raises(ValueError, match="may not change"):
-    switch.SwitchModel(cfg, params, moe_overrides=dict(top_k=2))
-  with pytest.raises(ValueError, match="unknown MoEConfig"):
-    switch.SwitchModel(cfg, params, moe_overrides=dict(capacity_factr=2.0))
+  with pytest.raises(ValueError, match="execution must be an ExecutionConfig"):
+    switch.SwitchModel(cfg, params, execution=dict(capacity_mode="capacity"))
   with pytest.raises(ValueError, match="unknown SwitchConfig"):
     switch.config_from_dict({"num_expert": 8})
   model = switch.SwitchModel(cfg, params, mesh=_mesh((2, 4)))
@@ -328,3 +332,50 @@ def test_errors_name_the_fix():
   with pytest.raises(ValueError, match="attention_mask"):
     model.generate(ref["input_ids"], attention_mask=ref["attention_mask"][:, :3],
                    max_new_tokens=2)
+
+
+# --- the family interface and the registry ---
+
+
+INTERFACE = ("NAME", "MODEL_TYPES", "Config", "Model", "config_from_dict", "moe_config",
+             "moe_layers", "forward_batch", "batch_tokens", "text_windows", "loss", "init_params",
+             "hf_key_map", "random_params", "from_pretrained", "prompt_pass", "prompt_ids",
+             "generated_ids")
+
+
+def test_registry_finds_the_family():
+  assert [name for name in INTERFACE if not hasattr(switch, name)] == []
+  assert models.get_family("switch") is switch
+  assert models.family_for_model_type("switch_transformers") is switch
+  assert isinstance(switch, types.ModuleType) and switch.Config is SwitchConfig
+  with pytest.raises(ValueError, match=r"unknown model family 'mixtral'; supported: \['switch'\]"):
+    models.get_family("mixtral")
+  with pytest.raises(ValueError, match=r"model_type 'llama' .* supported: \['switch_transformers'"):
+    models.family_for_model_type("llama")
+
+
+def test_task_batches_and_the_prompt_side():
+  cfg, params, ref = _fixture("tied_step2")
+  windows = switch.text_windows(np.arange(2, 40, dtype=np.int32), encoder_len=5, decoder_len=3,
+                                stride=4)
+  assert windows["input_ids"].shape == (8, 5) and windows["labels"].shape == (8, 3)
+  np.testing.assert_array_equal(windows["decoder_input_ids"][1], [0, 11, 12])   # start + shift
+  batch = {k: jnp.asarray(v[:4]) for k, v in windows.items()}
+  assert switch.batch_tokens(batch) == 4 * (5 + 3)
+  model = switch.SwitchModel(cfg, params)
+  logits = switch.forward_batch(params, cfg, batch, model.moe_fn)
+  want = model(batch["input_ids"], decoder_input_ids=batch["decoder_input_ids"]).logits
+  np.testing.assert_allclose(logits, want, rtol=1e-6, atol=1e-6)
+  total, metrics = switch.loss(params, cfg, {**batch, "labels": batch["labels"]}, model.moe_fn)
+  assert np.isfinite(float(total)) and float(total) >= float(metrics["ce"])
+  hidden = switch.prompt_pass(params, cfg, ref["input_ids"], ref["attention_mask"], model.moe_fn)
+  _close(hidden, ref["encoder_hidden"], "prompt pass")
+  layers = switch.moe_layers(params, cfg)
+  assert {s: len(v) for s, v in layers.items()} == {"encoder": 2, "decoder": 2}
+  assert layers["decoder"][1] is params["decoder"]["blocks"][3]["ff"]
+  tokenizer = types.SimpleNamespace(encode=lambda text: [7, 8])
+  assert switch.prompt_ids(tokenizer, "hi", cfg) == [7, 8, cfg.eos_token_id]
+  assert switch.generated_ids(np.array([0, 5, 6, cfg.eos_token_id, 0, 0]), cfg) == [5, 6]
+  fresh = switch.init_params(cfg, seed=0)
+  assert np.all(fresh["encoder"]["final_norm"] == 1) and fresh["encoder"]["blocks"][1]["ff"][
+      "wi"].shape == (cfg.num_experts, cfg.d_model, cfg.d_ff)

@@ -1,16 +1,21 @@
-"""The main job: run a Switch model over held-out text under every replication policy and both
-dispatch modes, and collect per-layer metrics.
+"""The main job: run a model over held-out text under every replication policy and capacity
+mode, and collect per-layer metrics.
 
-Per dispatch mode, two compiled programs: `none` (no replica slots at all) and one "dynamic"
+Per capacity mode, two compiled programs: `none` (no replica slots at all) and one "dynamic"
 program whose predictor kind is a traced argument, so history / pregate / learned / oracle share a
 compilation and differ only in where replicas go. `oracle` uses the true loads of the same batch
 from the `none` pass: an upper bound, never a serving policy.
+
+The model is any family (`moe_jax.models`): the harness reads it only through the family's
+`moe_layers`, `forward_batch` and `batch_tokens`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import types
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,45 +23,43 @@ import numpy as np
 from absl import logging
 
 from moe_jax import distributed, replication
-from moe_jax.config import MoEConfig
-from moe_jax.models import switch
-
-STACKS = ("encoder", "decoder")
+from moe_jax.config import ExecutionConfig, MoEConfig
 
 
 @dataclasses.dataclass
 class BenchSetup:
-  """Everything a policy run needs (typed; built by the launch script)."""
+  """Everything a policy run needs (typed; built by `load_setup`)."""
 
-  model_cfg: switch.SwitchConfig
+  family: types.ModuleType
+  model_cfg: Any
   params: dict
   moe_cfg: MoEConfig
+  execution: ExecutionConfig
   replication_cfg: replication.ReplicationConfig
   mesh: jax.sharding.Mesh
-  layers: dict                       # stack -> sparse FFN params (runtime.sparse_layers)
+  layers: dict                       # stack -> MoE layer params in order (family.moe_layers)
   learned: dict | None               # stack -> learned predictor params, or None
 
 
-def _forward(setup: BenchSetup, moe_cfg: MoEConfig, rcfg: replication.ReplicationConfig):
+def _forward(setup: BenchSetup, execution: ExecutionConfig,
+             rcfg: replication.ReplicationConfig):
   """jit(params, batch, state, extras) -> (logits, records, next state)."""
-  model_cfg, mesh = setup.model_cfg, setup.mesh
+  family, model_cfg, mesh, moe_cfg = setup.family, setup.model_cfg, setup.mesh, setup.moe_cfg
 
   @jax.jit
   def run(params, batch, state, extras):
-    layers = {s: [params[s]["blocks"][i]["ff"] for i in model_cfg.sparse_blocks(s)]
-              for s in STACKS}
-    runner = replication.StackRunner(rcfg, moe_cfg, mesh, layers, state, **extras)
-    mask = jnp.ones_like(batch["input_ids"])
-    out = switch.forward(params, model_cfg, batch["input_ids"], mask, batch["decoder_input_ids"],
-                         moe_fn=runner.moe_fn)
-    return out.logits, runner.records(), runner.next_state()
+    layers = family.moe_layers(params, model_cfg)
+    runner = replication.StackRunner(rcfg, moe_cfg, mesh, layers, state, execution=execution,
+                                     **extras)
+    logits = family.forward_batch(params, model_cfg, batch, runner.moe_fn)
+    return logits, runner.records(), runner.next_state()
 
   return run
 
 
-def run_mode(setup: BenchSetup, batches: list[dict], dispatch: str, policies: list[str], *,
+def run_mode(setup: BenchSetup, batches: list[dict], capacity_mode: str, policies: list[str], *,
              repeats: int, warmup: list[dict] = ()) -> dict:
-  """Runs every policy over `batches` in one dispatch mode.
+  """Runs every policy over `batches` in one capacity mode.
 
   `warmup` batches run first, unscored, so the history EMA starts from past batches as it would
   in a running server.
@@ -65,7 +68,7 @@ def run_mode(setup: BenchSetup, batches: list[dict], dispatch: str, policies: li
     policy -> {"records": [per batch: stack -> [LayerRecord as numpy]], "logits_rel_diff": float,
                "seconds": [per repeat: seconds for all batches], "tokens": int}.
   """
-  step = _Stepper(setup, setup.moe_cfg.replace(dispatch=dispatch))
+  step = _Stepper(setup, setup.execution.replace(capacity_mode=capacity_mode))
   results = {p: {"records": [], "logits_rel_diff": 0.0, "seconds": [], "tokens": 0}
              for p in policies}
   states = {p: step.initial_state() for p in policies}
@@ -86,9 +89,9 @@ def run_mode(setup: BenchSetup, batches: list[dict], dispatch: str, policies: li
         diff = relative_max_diff(out, logits)
         results[policy]["logits_rel_diff"] = max(results[policy]["logits_rel_diff"], diff)
       results[policy]["records"].append(distributed.gather(records))
-    logging.info("[%s] batch %d/%d: ran %d policies", dispatch, b + 1, len(batches),
+    logging.info("[%s] batch %d/%d: ran %d policies", capacity_mode, b + 1, len(batches),
                  len(policies))
-  tokens = sum(int(b["input_ids"].size + b["decoder_input_ids"].size) for b in batches)
+  tokens = sum(setup.family.batch_tokens(b) for b in batches)
   for r in range(repeats):                      # interleaved timing rounds
     for policy in policies:
       state = states[policy]
@@ -98,7 +101,7 @@ def run_mode(setup: BenchSetup, batches: list[dict], dispatch: str, policies: li
         jax.block_until_ready(out[0])
       results[policy]["seconds"].append(time.perf_counter() - start)
       results[policy]["tokens"] = tokens
-    logging.info("[%s] timing round %d/%d done", dispatch, r + 1, repeats)
+    logging.info("[%s] timing round %d/%d done", capacity_mode, r + 1, repeats)
   return results
 
 
@@ -115,17 +118,17 @@ def relative_max_diff(out: jax.Array, reference: jax.Array) -> float:
 class _Stepper:
   """One forward under a policy: `none` (no replica slots) or the shared dynamic program."""
 
-  def __init__(self, setup: BenchSetup, moe_cfg: MoEConfig):
+  def __init__(self, setup: BenchSetup, execution: ExecutionConfig):
     self.setup = setup
-    self.counts = {s: len(setup.layers[s]) for s in STACKS}
+    self.counts = {s: len(layers) for s, layers in setup.layers.items()}
+    moe_cfg = setup.moe_cfg
     self.num_experts = moe_cfg.num_experts
-    self.none_fn = _forward(setup, moe_cfg.replace(num_replica_slots=0),
-                            replication.ReplicationConfig())
-    self.dynamic_fn = _forward(setup, moe_cfg, dataclasses.replace(setup.replication_cfg,
-                                                                   predictor="dynamic"))
+    self.none_fn = _forward(setup, execution, replication.ReplicationConfig(predictor="none"))
+    self.dynamic_fn = _forward(setup, execution, dataclasses.replace(setup.replication_cfg,
+                                                                     predictor="dynamic"))
     self.learned = setup.learned
     if self.learned is None:   # keeps the dynamic program's shapes; "learned" is never selected
-      self.learned = {s: [{"w": jnp.zeros((setup.model_cfg.d_model, moe_cfg.num_experts)),
+      self.learned = {s: [{"w": jnp.zeros((moe_cfg.d_model, moe_cfg.num_experts)),
                            "b": jnp.zeros((moe_cfg.num_experts,))} for _ in range(n - 1)]
                       for s, n in self.counts.items()}
 
@@ -141,60 +144,63 @@ class _Stepper:
       if timing:
         return (logits,)
       true = {s: jnp.stack([r.stats.tokens_per_expert for r in records[s]]).astype(jnp.float32)
-              for s in STACKS}
+              for s in self.counts}
       return logits, true, records
     extras = dict(learned=self.learned, oracle_loads=oracle,
                   policy=jnp.int32(replication.policy_index(policy)))
     return self.dynamic_fn(self.setup.params, batch, state, extras)
 
 
-def load_setup(config, mesh) -> tuple[BenchSetup, list[dict]]:
+def load_setup(job, mesh) -> tuple[BenchSetup, list[dict]]:
   """Model, MoE/replication configs, learned predictor and held-out batches (warm-up batches
-  first) from the config tree."""
-  from moe_jax import runtime, workflows  # pylint: disable=import-outside-toplevel
-  from moe_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  model_cfg, params, tokenizer = runtime.load_model(config, mesh=mesh)
+  first) of a launch `Job` (`moe_jax.app.config`)."""
+  from moe_jax.app import data as data_lib  # pylint: disable=import-outside-toplevel
+  from moe_jax.app import runtime, workflows  # pylint: disable=import-outside-toplevel
+  model, tokenizer = runtime.load_model(job, mesh=mesh)
   if tokenizer is None:
-    raise runtime.UsageError(f"{config.checkpoint} has no spiece.model: the benchmark tokenises "
+    raise runtime.UsageError(f"{job.checkpoint} has no spiece.model: the benchmark tokenises "
                              "held-out pydoc text with the checkpoint's own vocabulary.")
   num_data = mesh.shape["data"]
-  if config.data.batch_size % num_data:
-    raise runtime.UsageError(f"data.batch_size={config.data.batch_size} is not divisible by "
-                             f"mesh.data={num_data}; change one of them.")
-  windows = workflows.pydoc_windows(config, tokenizer, "held_out")
-  wanted = config.bench.warmup_batches + config.data.num_batches
-  batches = list(data_lib.batches(windows, config.data.batch_size))[:wanted]
+  if job.data.batch_size % num_data:
+    raise runtime.UsageError(f"--config.data.batch_size={job.data.batch_size} is not divisible "
+                             f"by --config.mesh.data={num_data}; change one of them.")
+  windows = workflows.pydoc_windows(job, tokenizer, "held_out")
+  wanted = job.bench.warmup_batches + job.data.num_batches
+  batches = list(data_lib.batches(windows, job.data.batch_size))[:wanted]
+  if not batches:
+    raise runtime.UsageError("held-out text gave no full batch; lower --config.data.batch_size.")
   if len(batches) < wanted:
     raise runtime.UsageError(f"held-out text gives {len(batches)} batches of "
-                             f"{config.data.batch_size}, fewer than bench.warmup_batches + "
-                             f"data.num_batches = {wanted}; lower one of them.")
-  if not batches:
-    raise runtime.UsageError("held-out text gave no full batch; lower data.batch_size.")
+                             f"{job.data.batch_size}, fewer than --config.bench.warmup_batches + "
+                             f"--config.data.num_batches = {wanted}; lower one of them.")
   # Every process tokenises the same held-out text; from_host copies in only its devices' part.
   batches = [distributed.from_host(b, mesh) for b in batches]
-  learned = runtime.load_learned_predictor(config, model_cfg)
-  setup = BenchSetup(model_cfg=model_cfg, params=params,
-                     moe_cfg=runtime.moe_config(config, model_cfg),
-                     replication_cfg=runtime.replication_config(config), mesh=mesh,
-                     layers=runtime.sparse_layers(params, model_cfg),
-                     learned=None if learned is None else distributed.from_host(
-                         jax.tree.map(np.asarray, learned), mesh))
+  family, model_cfg = job.family, model.config
+  layers = family.moe_layers(model.params, model_cfg)
+  moe_cfg = family.moe_config(model_cfg, jnp.float32)
+  learned = runtime.load_learned_predictor(job, {s: len(v) for s, v in layers.items()},
+                                           moe_cfg.d_model, moe_cfg.num_experts)
+  setup = BenchSetup(family=family, model_cfg=model_cfg, params=model.params, moe_cfg=moe_cfg,
+                     execution=job.execution, replication_cfg=job.replication, mesh=mesh,
+                     layers=layers,
+                     learned=None if learned is None else runtime.on_mesh(learned, mesh))
   return setup, batches
 
 
-def describe(config, setup: BenchSetup, batches: list[dict], mesh) -> dict:
+def describe(job, setup: BenchSetup, batches: list[dict], mesh) -> dict:
   """The report's meta section."""
   devices = jax.devices()
-  tokens = sum(int(b["input_ids"].size + b["decoder_input_ids"].size) for b in batches)
-  summary = (f"{config.checkpoint}: {setup.model_cfg.num_experts} experts, "
+  tokens = sum(setup.family.batch_tokens(b) for b in batches)
+  r = setup.replication_cfg.num_replica_slots
+  summary = (f"{job.checkpoint}: {setup.moe_cfg.num_experts} experts, "
              f"{sum(len(v) for v in setup.layers.values())} MoE layers; mesh "
              f"data={mesh.shape['data']} x expert={mesh.shape['expert']} on {len(devices)} "
-             f"{devices[0].platform} device(s); r={setup.moe_cfg.num_replica_slots} replica "
-             f"slots/device; {len(batches)} held-out batches, {tokens} tokens")
-  return {"summary": summary, "checkpoint": config.checkpoint, "mesh": dict(mesh.shape),
+             f"{devices[0].platform} device(s); r={r} replica slots/device; {len(batches)} "
+             f"held-out batches, {tokens} tokens")
+  return {"summary": summary, "checkpoint": job.checkpoint, "family": setup.family.NAME,
+          "stacks": list(setup.layers), "mesh": dict(mesh.shape),
           "platform": devices[0].platform, "num_devices": len(devices),
-          "num_replica_slots": setup.moe_cfg.num_replica_slots,
-          "batches": len(batches), "tokens": tokens, "config": config.to_dict(),
+          "num_replica_slots": r, "batches": len(batches), "tokens": tokens, "config": job.tree,
           "note": ("tokens/s on simulated CPU devices measures overhead, not the straggler effect: "
                    "all devices share the host's cores. 'modelled_ep_speedup_vs_none' is the "
                    "ratio of summed per-layer max device loads (EP step time model).")}

@@ -9,8 +9,6 @@ import numpy as np
 
 from moe_jax import metrics
 
-STACKS = ("encoder", "decoder")
-
 
 def layer_metrics(records_per_batch: list, stack: str, index: int) -> dict:
   """Metrics of one MoE layer over all batches of one policy."""
@@ -34,10 +32,11 @@ def layer_metrics(records_per_batch: list, stack: str, index: int) -> dict:
   }
 
 
-def policy_report(result: dict, reference: dict) -> dict:
-  """Per-layer and overall metrics of one policy; `reference` is the `none` policy's result."""
+def policy_report(result: dict, reference: dict, stacks: list) -> dict:
+  """Per-layer and overall metrics of one policy; `reference` is the `none` policy's result;
+  `stacks` the model's stack names in its order."""
   layers, none_max = {}, 0.0
-  for stack in STACKS:
+  for stack in stacks:
     for index in range(len(result["records"][0][stack])):
       layers[f"{stack}/{index}"] = layer_metrics(result["records"], stack, index)
       none_max += layer_metrics(reference["records"], stack, index)["max_device_tokens"]
@@ -59,10 +58,11 @@ def policy_report(result: dict, reference: dict) -> dict:
 
 
 def build_report(runs: dict, meta: dict) -> dict:
-  """runs: dispatch mode -> policy -> result (harness.run_mode)."""
+  """runs: capacity mode -> policy -> result (harness.run_mode); meta["stacks"]: stack names."""
   report = {"meta": meta, "modes": {}}
   for mode, results in runs.items():
-    report["modes"][mode] = {p: policy_report(r, results["none"]) for p, r in results.items()}
+    report["modes"][mode] = {p: policy_report(r, results["none"], meta["stacks"])
+                             for p, r in results.items()}
     oracle = report["modes"][mode].get("oracle")
     if oracle is not None:
       for name in ("pregate", "learned", "history"):

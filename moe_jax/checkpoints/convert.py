@@ -1,7 +1,11 @@
 """One-off conversions behind `launch/convert_hf.py`.
 
   to_safetensors("switch-base-128", "switch-base-128-st")   # pytorch_model*.bin -> safetensors
-  to_orbax("switch-base-8", "/ckpt/switch8")                 # .bin or safetensors -> orbax params
+  to_orbax("switch-base-8", "/ckpt/switch8", key_map, config_json=cfg.to_hf_dict(),
+           family="switch")                                  # .bin or safetensors -> orbax params
+
+`to_safetensors` keeps the keys and needs no model. `to_orbax` builds the parameter tree, so it
+takes the family's key map; the caller resolves the family (`moe_jax.models`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax.checkpoints import hf_switch
+from moe_jax.checkpoints import hf_io
+from moe_jax.checkpoints import layout
 from moe_jax.checkpoints import orbax_io
 from moe_jax.checkpoints import torch_bin
 
@@ -21,9 +26,14 @@ def is_bin_checkpoint(src: str) -> bool:
   """True for a pytorch_model*.bin file / index, or a directory with .bin weights only."""
   if os.path.isfile(src):
     return src.endswith(".bin") or src.endswith(".bin.index.json")
-  has_safetensors = (os.path.exists(os.path.join(src, hf_switch.WEIGHTS_NAME))
-                     or os.path.exists(os.path.join(src, hf_switch.INDEX_NAME)))
+  has_safetensors = (os.path.exists(os.path.join(src, hf_io.WEIGHTS_NAME))
+                     or os.path.exists(os.path.join(src, hf_io.INDEX_NAME)))
   return not has_safetensors and bool(glob.glob(os.path.join(src, "pytorch_model*.bin")))
+
+
+def checkpoint_dir(src: str) -> str:
+  """The directory of a checkpoint given as a directory or as one of its files."""
+  return src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
 
 
 def to_safetensors(src: str, dst: str) -> list[str]:
@@ -32,26 +42,32 @@ def to_safetensors(src: str, dst: str) -> list[str]:
     raise FileNotFoundError(f"--src {src!r} does not exist.")
   if not (is_bin_checkpoint(src) or glob.glob(os.path.join(src, "pytorch_model*.bin"))):
     raise ValueError(f"{src!r} holds no pytorch_model*.bin weights to convert (safetensors "
-                     "checkpoints load directly with hf_switch.load_params).")
+                     "checkpoints load directly with moe_jax.models.from_pretrained).")
   if os.path.abspath(src) == os.path.abspath(dst):
     raise ValueError("--dst must differ from --src.")
   return torch_bin.bin_to_safetensors(src, dst)
 
 
-def to_orbax(src: str, dst: str, *, dtype=jnp.float32, force: bool = False) -> str:
-  """A Hugging Face Switch checkpoint (.bin or safetensors) -> orbax params + SwitchConfig.
+def to_orbax(src: str, dst: str, key_map: layout.KeyMap, *, config_json: dict | None = None,
+             family: str | None = None, dtype=jnp.float32, force: bool = False) -> str:
+  """A Hugging Face checkpoint (.bin or safetensors) -> orbax params + manifest.
 
   The tree is assembled as jax.Arrays on the default device (one model in memory) and handed to
   orbax, which writes jax.Arrays without copying them all first (numpy leaves it would copy).
+
+  Args:
+    src: the checkpoint directory, or one of its weight files / indexes.
+    dst: the orbax directory to write.
+    key_map: the family's table for the model in `src`.
+    config_json, family: stored in the manifest (see `orbax_io.save_params`).
+    dtype: dtype of the stored params.
+    force: replace an existing checkpoint at `dst`.
   """
   if is_bin_checkpoint(src):
-    directory = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
     source = torch_bin.BinSource.open(src)
   else:
-    directory, source = hf_switch.open_safetensors(src)
-  config = hf_switch.load_config(directory)
-  params = hf_switch.assemble_params(source, config, dtype=dtype,
-                                     place=hf_switch.device_placer())
+    _, source = hf_io.open_safetensors(src)
+  params = hf_io.assemble_params(source, key_map, dtype=dtype, place=hf_io.device_placer())
   return orbax_io.save_params(
-      dst, params, config=config, force=force,
+      dst, params, config_json=config_json, family=family, key_map=key_map, force=force,
       metadata={"source": os.path.abspath(src), "dtype": np.dtype(dtype).name})

@@ -1,44 +1,44 @@
-"""Where every Switch parameter lives: our tree (see `moe_jax.models.switch_config`) and HF keys.
+"""Where every parameter lives: a family's key map (checkpoint key -> tree leaf) and shardings.
 
-One table, `hf_tensor_specs(config)`, maps each Hugging Face state-dict key to a leaf of our
-parameter tree; the importer, the exporter and the torch converter all read it, so the key
-spelling lives in exactly one place.
+A model family describes its checkpoint layout with one declarative table, a `KeyMap`: each
+checkpoint key (a Hugging Face state-dict name) maps to a `TensorSpec` naming the leaf of the
+parameter tree it fills, and, for a per-expert tensor, the expert slice of that leaf. The importer,
+the exporter and the converters all read that one table, so a family spells its keys in exactly one
+place and everything here stays family-agnostic.
 
-  spec = hf_tensor_specs(cfg)["encoder.block.1.layer.1.mlp.experts.expert_3.wi.weight"]
-  spec.path       == ("encoder", "blocks", 1, "ff", "wi")
+  spec = key_map.specs["block.1.mlp.experts.expert_3.wi.weight"]      # a hypothetical key
+  spec.path       == ("blocks", 1, "ff", "wi")
   spec.expert     == 3          # fills wi[3]
   spec.transpose  == True       # nn.Linear [out, in] -> Dense [in, out]
   spec.hf_shape   == (d_ff, d_model)
 
-Tree paths are tuples of dict keys (str) and list indices (int).
+A leaf filled by expert slices is an expert stack <f>[E, ...]: on a mesh it is sharded over the
+expert axis on its leading E axis; every other leaf is replicated. Tree paths are tuples of dict
+keys (str) and list indices (int).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moe_jax.models.switch_config import SwitchConfig
-
 TreePath = tuple[Any, ...]
-STACKS = ("encoder", "decoder")
-EXPERT_STACK_NAMES = ("wi", "wo")  # [E, ...] leaves of a sparse block's "ff"
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-  """One HF tensor and the leaf (or expert slice of a leaf) it fills.
+  """One checkpoint tensor and the leaf (or expert slice of a leaf) it fills.
 
   Attributes:
     path: tree path of the destination leaf.
-    hf_shape: shape of the tensor in the HF file.
+    hf_shape: shape of the tensor in the checkpoint file.
     expert: index into the leading E axis of the leaf, or None when the tensor is the whole leaf.
-    transpose: the leaf (slice) is the 2-D transpose of the HF tensor.
-    fallback: HF key whose leaf this leaf copies when the key is absent from the files (untied
+    transpose: the leaf (slice) is the 2-D transpose of the stored tensor.
+    fallback: key whose leaf this leaf copies when the key is absent from the files (e.g. untied
       embeddings saved by transformers 4, which always shared them), or None: the key is required.
   """
 
@@ -49,74 +49,46 @@ class TensorSpec:
   fallback: str | None = None
 
 
-def hf_tensor_specs(config: SwitchConfig) -> dict[str, TensorSpec]:
-  """Every HF key a checkpoint of `config` holds, in tree order, mapped to its destination."""
-  c = config
-  d, hk, f, e = c.d_model, c.num_heads * c.d_kv, c.d_ff, c.num_experts
-  specs: dict[str, TensorSpec] = {"shared.weight": TensorSpec(("shared",), (c.vocab_size, d))}
-  if not c.tie_word_embeddings:
-    for stack in STACKS:
-      specs[f"{stack}.embed_tokens.weight"] = TensorSpec(
-          (f"{stack}_embed",), (c.vocab_size, d), fallback="shared.weight")
-    specs["lm_head.weight"] = TensorSpec(("lm_head",), (c.vocab_size, d), transpose=True)
+@dataclasses.dataclass(frozen=True)
+class KeyMap:
+  """A family's checkpoint layout for one model configuration.
 
-  def linear(key, path, out_dim, in_dim, expert=None):
-    specs[key] = TensorSpec(path, (out_dim, in_dim), expert=expert, transpose=True)
+  Attributes:
+    specs: checkpoint key -> `TensorSpec`, every key a checkpoint holds, in tree order.
+    tied_copies: keys a checkpoint may also hold as copies of another tensor (ignored on import,
+      never written), with their shapes.
+    num_experts: E, the leading axis of every expert stack.
+    describe: the model in the user's words, for error messages, e.g. "the SwitchConfig
+      (num_experts=8, ...)".
+    hint: what to check when a checkpoint does not match (appended to the error).
+  """
 
-  for stack in STACKS:
-    root = f"{stack}.block"
-    specs[f"{root}.0.layer.0.SelfAttention.relative_attention_bias.weight"] = TensorSpec(
-        (stack, "relative_attention_bias"), (c.relative_attention_num_buckets, c.num_heads))
-    sparse = set(c.sparse_blocks(stack))
-    for i in range(c.num_blocks(stack)):
-      block = (stack, "blocks", i)
-      specs[f"{root}.{i}.layer.0.layer_norm.weight"] = TensorSpec(block + ("attn_norm",), (d,))
-      for name in "qkv":
-        linear(f"{root}.{i}.layer.0.SelfAttention.{name}.weight", block + ("attn", name), hk, d)
-      linear(f"{root}.{i}.layer.0.SelfAttention.o.weight", block + ("attn", "o"), d, hk)
-      if stack == "decoder":
-        specs[f"{root}.{i}.layer.1.layer_norm.weight"] = TensorSpec(block + ("cross_norm",), (d,))
-        for name in "qkv":
-          linear(f"{root}.{i}.layer.1.EncDecAttention.{name}.weight", block + ("cross", name),
-                 hk, d)
-        linear(f"{root}.{i}.layer.1.EncDecAttention.o.weight", block + ("cross", "o"), d, hk)
-      ff = f"{root}.{i}.layer.{1 if stack == 'encoder' else 2}"
-      specs[f"{ff}.layer_norm.weight"] = TensorSpec(block + ("ff_norm",), (d,))
-      if i in sparse:
-        linear(f"{ff}.mlp.router.classifier.weight", block + ("ff", "router"), e, d)
-        for x in range(e):
-          linear(f"{ff}.mlp.experts.expert_{x}.wi.weight", block + ("ff", "wi"), f, d, expert=x)
-        for x in range(e):
-          linear(f"{ff}.mlp.experts.expert_{x}.wo.weight", block + ("ff", "wo"), d, f, expert=x)
-      else:
-        linear(f"{ff}.mlp.wi.weight", block + ("ff", "wi"), f, d)
-        linear(f"{ff}.mlp.wo.weight", block + ("ff", "wo"), d, f)
-    specs[f"{stack}.final_layer_norm.weight"] = TensorSpec((stack, "final_norm"), (d,))
-  return specs
+  specs: Mapping[str, TensorSpec]
+  tied_copies: Mapping[str, tuple[int, ...]]
+  num_experts: int
+  describe: str
+  hint: str = ""
 
+  def leaf_shape(self, spec: TensorSpec) -> tuple[int, ...]:
+    """Shape of the leaf `spec` fills: [E, in, out] for an expert slice, else the tensor's
+    (transposed if `spec.transpose`)."""
+    shape = spec.hf_shape[::-1] if spec.transpose else spec.hf_shape
+    if spec.expert is not None:
+      shape = (self.num_experts,) + tuple(shape)
+    return tuple(shape)
 
-def tied_copies(config: SwitchConfig) -> dict[str, tuple[int, ...]]:
-  """HF keys a tied checkpoint may hold as copies of `shared.weight` (ignored on import)."""
-  if not config.tie_word_embeddings:
-    return {}
-  shape = (config.vocab_size, config.d_model)
-  return {key: shape for key in
-          ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")}
+  def leaf_shapes(self) -> dict[TreePath, tuple[int, ...]]:
+    """{tree path: leaf shape} of every leaf, in tree order."""
+    return {spec.path: self.leaf_shape(spec) for spec in self.specs.values()}
 
+  def param_shapes(self, dtype=jnp.float32) -> dict[str, Any]:
+    """The parameter tree as `jax.ShapeDtypeStruct` leaves (no memory allocated)."""
+    return build_tree({path: jax.ShapeDtypeStruct(shape, dtype)
+                       for path, shape in self.leaf_shapes().items()})
 
-def leaf_shape(spec: TensorSpec, config: SwitchConfig) -> tuple[int, ...]:
-  """Shape of the leaf `spec` fills: [E, in, out] for an expert slice, else the tensor's
-  (transposed if `spec.transpose`)."""
-  shape = spec.hf_shape[::-1] if spec.transpose else spec.hf_shape
-  if spec.expert is not None:
-    shape = (config.num_experts,) + shape
-  return tuple(shape)
-
-
-def param_shapes(config: SwitchConfig, dtype=jnp.float32) -> dict[str, Any]:
-  """The parameter tree of `config` as `jax.ShapeDtypeStruct` leaves (no memory allocated)."""
-  leaves = {spec.path: leaf_shape(spec, config) for spec in hf_tensor_specs(config).values()}
-  return build_tree({path: jax.ShapeDtypeStruct(shape, dtype) for path, shape in leaves.items()})
+  def expert_paths(self) -> frozenset[TreePath]:
+    """Tree paths of the expert stacks (the leaves filled by expert slices)."""
+    return frozenset(spec.path for spec in self.specs.values() if spec.expert is not None)
 
 
 def build_tree(leaves: dict[TreePath, Any]) -> dict[str, Any]:
@@ -162,26 +134,18 @@ def flatten(tree) -> dict[TreePath, Any]:
 
 
 def path_str(path: TreePath) -> str:
-  """("encoder", "blocks", 1, "ff", "wi") -> "encoder/blocks/1/ff/wi"."""
+  """("blocks", 1, "ff", "wi") -> "blocks/1/ff/wi"."""
   return "/".join(str(k) for k in path)
 
 
-def is_expert_stack(path: TreePath, shape: tuple[int, ...]) -> bool:
-  """True for a sparse block's stacked expert weights <f>[E, ...] (sharded over 'expert')."""
-  return len(path) >= 2 and path[-2] == "ff" and path[-1] in EXPERT_STACK_NAMES and len(shape) == 3
-
-
-def leaf_sharding(path: TreePath, shape: tuple[int, ...], mesh: jax.sharding.Mesh,
+def leaf_sharding(is_expert_stack: bool, mesh: jax.sharding.Mesh,
                   expert_axis: str = "expert") -> NamedSharding:
-  """Expert stacks split over `expert_axis` on their E axis; everything else replicated."""
-  if is_expert_stack(path, shape):
-    return NamedSharding(mesh, P(expert_axis))
-  return NamedSharding(mesh, P())
+  """An expert stack <f>[E, ...] split over `expert_axis` on its E axis; else replicated."""
+  return NamedSharding(mesh, P(expert_axis) if is_expert_stack else P())
 
 
-def check_mesh(config_or_experts, mesh: jax.sharding.Mesh, expert_axis: str = "expert") -> None:
-  """ValueError unless `mesh` has `expert_axis` and its size divides the number of experts."""
-  num_experts = getattr(config_or_experts, "num_experts", config_or_experts)
+def check_mesh(num_experts: int, mesh: jax.sharding.Mesh, expert_axis: str = "expert") -> None:
+  """ValueError unless `mesh` has `expert_axis` and its size divides `num_experts`."""
   if expert_axis not in mesh.shape:
     raise ValueError(f"mesh axes {tuple(mesh.axis_names)} lack expert_axis={expert_axis!r}; build "
                      "the mesh with moe_jax.make_mesh(data=..., expert=...) or pass expert_axis=.")

@@ -1,32 +1,42 @@
-"""Save / restore a parameter tree with orbax, sharded over a mesh on restore.
+"""Save / restore a parameter tree with orbax, sharded over a mesh on restore; any model family.
 
-  save_params("/ckpt/switch8", params, config=config, metadata={"source": "google/switch-base-8"})
+  save_params("/ckpt/switch8", params, config_json=config.to_hf_dict(), family="switch",
+              key_map=key_map, metadata={"source": "google/switch-base-8"})
   params = restore_params("/ckpt/switch8", mesh=moe_jax.make_mesh(data=2, expert=4))
-  config = load_config("/ckpt/switch8")
+  config_json, family = load_config("/ckpt/switch8"), load_family("/ckpt/switch8")
 
 On disk:
   PATH/params/          the orbax checkpoint (StandardCheckpointer)
-  PATH/moe_jax.json     {"format", "leaves": [{"path", "shape", "dtype"}], "config", "metadata"}
+  PATH/moe_jax.json     the manifest: {"format", "family", "config", "metadata",
+                        "leaves": [{"path", "shape", "dtype", "expert"}]}
 
-The manifest `moe_jax.json` records every leaf's tree path, shape and dtype, so restoring needs no
-orbax-version-specific metadata API: the abstract tree (with shardings) is rebuilt from it, and a
-`target` is checked against it before orbax reads anything.
+The manifest records every leaf's tree path, shape, dtype and whether it is an expert stack
+(sharded over the mesh's expert axis on its leading E axis when restored on a mesh; every other leaf
+is replicated), so restoring needs no orbax-version-specific metadata API and no model code: the
+abstract tree (with shardings) is rebuilt from it, and a `target` is checked against it before
+orbax reads anything. It also stores the model's config as a dict (config.json fields) and the
+name of its family (`moe_jax.models`), which the caller turns back into a typed config.
+
+Manifests written before the family seam (format `moe_jax.params/1`, no "family", no "expert"
+flags) are read with the rule those checkpoints were written under: a 3-D leaf whose path ends in
+("ff", "wi" | "wo" | "wi_gate") is an expert stack.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Collection
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from moe_jax.checkpoints import layout
-from moe_jax.models.switch_config import SwitchConfig
 
-FORMAT = "moe_jax.params/1"
+FORMAT = "moe_jax.params/2"
+LEGACY_FORMAT = "moe_jax.params/1"
+_LEGACY_EXPERT_NAMES = ("wi", "wo", "wi_gate")
 # Bytes orbax may hold in flight while writing / reading. Its default (96 GB) lets a save of
 # random-valued (incompressible) weights buffer ~0.8 x the model on top of it; 2 GB bounds that.
 CONCURRENT_GB = 2
@@ -50,15 +60,22 @@ def _close(checkpointer) -> None:
       fn()
 
 
-def save_params(path: str, params, *, metadata: dict | None = None,
-                config: SwitchConfig | None = None, force: bool = False) -> str:
+def save_params(path: str, params, *, config_json: dict | None = None, family: str | None = None,
+                key_map: layout.KeyMap | None = None,
+                expert_paths: Collection[layout.TreePath] = (), metadata: dict | None = None,
+                force: bool = False) -> str:
   """Saves `params` (numpy or jax leaves) with orbax under `path`, plus a JSON manifest.
 
   Args:
     path: a new directory (or an existing one with force=True: replaced).
     params: nested dicts/lists of arrays.
+    config_json: the model's config as a JSON dict (e.g. `config.to_hf_dict()`; `load_config`).
+    family: the model family's name in `moe_jax.models` (`load_family`).
+    key_map: the family's `KeyMap` of this model: its expert stacks are recorded as such (the
+      usual way to give `expert_paths`).
+    expert_paths: tree paths of the expert stacks <f>[E, ...], sharded over the expert axis when
+      restored on a mesh; every other leaf is replicated. Default: `key_map`'s, else none.
     metadata: JSON-serialisable dict stored beside the checkpoint (`load_metadata`).
-    config: a SwitchConfig to store with it (`load_config`).
     force: overwrite an existing checkpoint at `path`.
 
   Returns:
@@ -70,11 +87,21 @@ def save_params(path: str, params, *, metadata: dict | None = None,
     raise ValueError(f"{path!r} already holds a checkpoint; pass force=True (convert_hf.py: "
                      "--force) to replace it or choose a new directory.")
   flat = layout.flatten(params)
+  if key_map is not None:
+    if expert_paths:
+      raise ValueError("give key_map or expert_paths, not both (key_map implies its expert_paths).")
+    expert_paths = key_map.expert_paths()
+  expert_paths = {tuple(p) for p in expert_paths}
+  unknown = sorted(layout.path_str(p) for p in expert_paths - set(flat))
+  if unknown:
+    raise ValueError(f"expert_paths {unknown} are not leaves of params; pass the key map's "
+                     "expert_paths() of the model these params belong to.")
   manifest = {
       "format": FORMAT,
-      "leaves": [{"path": list(p), "shape": list(np.shape(v)), "dtype": np.dtype(v.dtype).name}
-                 for p, v in flat.items()],
-      "config": config.to_hf_dict() if config is not None else None,
+      "family": family,
+      "leaves": [{"path": list(p), "shape": list(np.shape(v)), "dtype": np.dtype(v.dtype).name,
+                  "expert": p in expert_paths} for p, v in flat.items()],
+      "config": config_json,
       "metadata": metadata,
   }
   text = json.dumps(manifest, indent=1)  # fails here, before writing, if metadata is not JSON
@@ -96,9 +123,9 @@ def _read_manifest(path: str) -> dict:
                             "moe_jax.checkpoints.orbax_io.save_params.")
   with open(file) as f:
     manifest = json.load(f)
-  if manifest.get("format") != FORMAT:
+  if manifest.get("format") not in (FORMAT, LEGACY_FORMAT):
     raise ValueError(f"{file} has format {manifest.get('format')!r}; this moe_jax reads "
-                     f"{FORMAT!r}.")
+                     f"{FORMAT!r} and {LEGACY_FORMAT!r}.")
   return manifest
 
 
@@ -107,15 +134,37 @@ def load_metadata(path: str) -> dict | None:
   return _read_manifest(os.path.abspath(path))["metadata"]
 
 
-def load_config(path: str) -> SwitchConfig | None:
-  """The SwitchConfig passed to `save_params` (None if none was)."""
-  hf = _read_manifest(os.path.abspath(path))["config"]
-  return None if hf is None else SwitchConfig.from_hf_dict(hf)
+def load_config(path: str) -> dict | None:
+  """The config dict passed to `save_params` as `config_json` (None if none was).
+
+  Its family is `load_family(path)`, or, for checkpoints that did not record one, the family whose
+  `model_type` the dict names (`moe_jax.models.family_for_model_type`).
+  """
+  return _read_manifest(os.path.abspath(path))["config"]
 
 
-def _stored_leaves(manifest: dict) -> dict[layout.TreePath, jax.ShapeDtypeStruct]:
-  return {tuple(leaf["path"]): jax.ShapeDtypeStruct(tuple(leaf["shape"]), np.dtype(leaf["dtype"]))
-          for leaf in manifest["leaves"]}
+def load_family(path: str) -> str | None:
+  """The family name passed to `save_params` (None if none was, or the manifest predates it)."""
+  return _read_manifest(os.path.abspath(path)).get("family")
+
+
+def _is_legacy_expert_stack(path: layout.TreePath, shape: tuple[int, ...]) -> bool:
+  """How format-1 checkpoints marked expert stacks: by name and rank."""
+  return (len(path) >= 2 and path[-2] == "ff" and path[-1] in _LEGACY_EXPERT_NAMES
+          and len(shape) == 3)
+
+
+def _stored_leaves(manifest: dict) -> tuple[dict[layout.TreePath, jax.ShapeDtypeStruct],
+                                            frozenset[layout.TreePath]]:
+  """({path: ShapeDtypeStruct}, expert stack paths) of a manifest."""
+  legacy = manifest["format"] == LEGACY_FORMAT
+  stored, experts = {}, set()
+  for leaf in manifest["leaves"]:
+    path, shape = tuple(leaf["path"]), tuple(leaf["shape"])
+    stored[path] = jax.ShapeDtypeStruct(shape, np.dtype(leaf["dtype"]))
+    if _is_legacy_expert_stack(path, shape) if legacy else leaf["expert"]:
+      experts.add(path)
+  return stored, frozenset(experts)
 
 
 def _check_target(stored: dict, target: dict, where: str) -> None:
@@ -137,8 +186,9 @@ def restore_params(path: str, *, mesh: jax.sharding.Mesh | None = None, target=N
 
   Args:
     path: the directory given to `save_params`.
-    mesh: if given, expert stacks [E, ...] are sharded over `expert_axis` and every other leaf is
-      replicated; else leaves take `target`'s shardings when it has them, or the default device.
+    mesh: if given, the manifest's expert stacks [E, ...] are sharded over `expert_axis` and every
+      other leaf is replicated; else leaves take `target`'s shardings when it has them, or the
+      default device.
     target: optional tree (arrays or jax.ShapeDtypeStruct) the checkpoint must match; its
       structure and dtypes are used for the result.
     expert_axis: the mesh axis experts are split over.
@@ -149,7 +199,7 @@ def restore_params(path: str, *, mesh: jax.sharding.Mesh | None = None, target=N
   """
   path = os.path.abspath(path)
   manifest = _read_manifest(path)
-  stored = _stored_leaves(manifest)
+  stored, expert_paths = _stored_leaves(manifest)
   if target is not None:
     target_flat = layout.flatten(target)
     _check_target(stored, target_flat, path)
@@ -162,9 +212,9 @@ def restore_params(path: str, *, mesh: jax.sharding.Mesh | None = None, target=N
 
   def with_sharding(p, s):
     if mesh is not None:
-      if layout.is_expert_stack(p, s.shape):
+      if p in expert_paths:
         layout.check_mesh(s.shape[0], mesh, expert_axis)
-      sharding = layout.leaf_sharding(p, s.shape, mesh, expert_axis)
+      sharding = layout.leaf_sharding(p in expert_paths, mesh, expert_axis)
     else:
       sharding = getattr(s, "sharding", None) or default
     return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)

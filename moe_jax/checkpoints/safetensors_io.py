@@ -3,7 +3,9 @@
 Reading goes through `safetensors.safe_open(..., framework="numpy")`. It memory-maps the whole
 file, and every page a read touches stays in the process's resident set (as file-backed pages)
 until the map is closed, so reading a 10 GB shard through one handle shows up as +10 GB of RSS.
-`ShardReader` therefore reopens the file after every `reopen_bytes` read.
+`ShardReader` therefore reopens the file after every `reopen_bytes` read. A checkpoint is one
+`model.safetensors` or the shards of `model.safetensors.index.json`: `open_safetensors` finds them
+(refusing torch pickles) and `SafetensorsSource` locates and reads their tensors.
 
 Writing streams: the header (names, dtypes, shapes, offsets) is known from shapes alone, so
 `write_file` writes it first and then each tensor as it is produced, never holding more than one.
@@ -13,10 +15,12 @@ N bytes of JSON header, then the raw little-endian tensor bytes at the header's 
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import json
 import os
 import struct
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from safetensors import safe_open
@@ -27,6 +31,8 @@ DTYPE_CODES = {
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
 }
 _ALIGN = 8
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
 
 
 class ShardReader:
@@ -77,6 +83,115 @@ class ShardReader:
       self.close()  # unmap: drops the file-backed pages this handle touched from our RSS
     return array
 
+
+# --- a checkpoint's files ---
+
+@dataclasses.dataclass(frozen=True)
+class TensorLocation:
+  """Where one stored tensor is: its shape, safetensors dtype code and file."""
+
+  shape: tuple[int, ...]
+  dtype: str
+  file: str
+
+
+class SafetensorsSource:
+  """The tensors of one checkpoint: a single `model.safetensors` or the shards of an index."""
+
+  def __init__(self, files: Sequence[str], weight_map: dict[str, str] | None = None,
+               index_file: str | None = None):
+    self.files = list(files)
+    self.weight_map = weight_map
+    self.index_file = index_file
+
+  def describe(self) -> str:
+    return self.index_file or (self.files[0] if len(self.files) == 1 else str(self.files))
+
+  def locate(self) -> dict[str, TensorLocation]:
+    """Every tensor of every file, from the headers only; checks the index agrees with them."""
+    found: dict[str, TensorLocation] = {}
+    for file in self.files:
+      with ShardReader(file) as reader:
+        for key, (shape, dtype) in reader.infos().items():
+          if key in found:
+            raise ValueError(f"tensor {key!r} is stored twice: in {found[key].file} and {file}; "
+                             "re-export the checkpoint.")
+          found[key] = TensorLocation(shape, dtype, file)
+    for key, name in (self.weight_map or {}).items():
+      expected_file = os.path.join(os.path.dirname(self.index_file), name)
+      if key not in found or os.path.abspath(found[key].file) != os.path.abspath(expected_file):
+        where = found[key].file if key in found else "no shard"
+        raise ValueError(f"{self.index_file} maps {key!r} to {name}, but it is in {where}; the "
+                         "index and its shards disagree: re-download or re-export the checkpoint.")
+    return found
+
+  def read(self, file: str, keys: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (key, array) for `keys` of `file`, one tensor alive at a time."""
+    with ShardReader(file) as reader:
+      for key in keys:
+        yield key, reader.get(key)
+
+
+def _bin_refusal(path: str) -> ValueError:
+  directory = path if os.path.isdir(path) else os.path.dirname(path) or "."
+  return ValueError(
+      f"{path!r} holds PyTorch pickle weights (pytorch_model*.bin), which moe_jax does not load "
+      "(unpickling can run code). Convert them once to safetensors with\n"
+      f"  python launch/convert_hf.py --src={directory} --dst={directory.rstrip('/')}-safetensors\n"
+      "(needs torch; it loads with weights_only=True), or download the repository's "
+      "model.safetensors files (for some checkpoints they are on a refs/pr/N revision).")
+
+
+def open_safetensors(path: str) -> tuple[str, SafetensorsSource]:
+  """(checkpoint directory, source) for a checkpoint directory, a .safetensors file or an index."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint path {path!r} does not exist.")
+  if os.path.isfile(path):
+    name = os.path.basename(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if name.endswith(".bin") or name.endswith(".bin.index.json") or name.endswith(".pt"):
+      raise _bin_refusal(path)
+    if name.endswith(".index.json"):
+      return directory, _source_from_index(path)
+    if name.endswith(".safetensors"):
+      return directory, SafetensorsSource([path])
+    raise ValueError(f"{path!r} is neither a .safetensors file nor a *.index.json; point at a "
+                     "Hugging Face checkpoint directory.")
+  index = os.path.join(path, INDEX_NAME)
+  single = os.path.join(path, WEIGHTS_NAME)
+  if os.path.exists(index):
+    return path, _source_from_index(index)
+  if os.path.exists(single):
+    return path, SafetensorsSource([single])
+  if glob.glob(os.path.join(path, "pytorch_model*.bin")):
+    raise _bin_refusal(path)
+  stray = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+  if stray:
+    raise FileNotFoundError(f"{path!r} has {[os.path.basename(s) for s in stray]} but no "
+                            f"{INDEX_NAME} saying which tensor is in which shard; download it too.")
+  raise FileNotFoundError(f"{path!r} has neither {WEIGHTS_NAME} nor {INDEX_NAME}; point at a "
+                          "Hugging Face checkpoint directory.")
+
+
+def _source_from_index(index_file: str) -> SafetensorsSource:
+  with open(index_file) as f:
+    index = json.load(f)
+  weight_map = index.get("weight_map")
+  if not isinstance(weight_map, dict) or not weight_map:
+    raise ValueError(f"{index_file} has no 'weight_map' {{tensor name: shard file}}; it is not a "
+                     "safetensors index.")
+  directory = os.path.dirname(index_file)
+  names = sorted(set(weight_map.values()))
+  files = [os.path.join(directory, n) for n in names]
+  missing = [n for n, f in zip(names, files) if not os.path.exists(f)]
+  if missing:
+    raise FileNotFoundError(f"{index_file} lists shards {missing} that are not in {directory}; "
+                            "download all shards.")
+  return SafetensorsSource(files, weight_map, index_file)
+
+
+
+# --- writing ---
 
 def nbytes(shape: Iterable[int], dtype) -> int:
   return int(np.prod(tuple(shape), dtype=np.int64)) * np.dtype(dtype).itemsize

@@ -1,51 +1,38 @@
-"""Random Switch parameters for tests and benchmarks (host numpy, no jax compilation).
+"""Random parameter trees for tests and benchmarks (host numpy, no jax compilation).
 
-  params = random_params(SwitchConfig(...), seed=0)            # f32 numpy tree
-  save_hf_safetensors(params, config, "/tmp/ckpt", max_shard_bytes=1 << 20)
+  params = random_tree(key_map.param_shapes(), draw, seed=0)    # f32 numpy tree
 
-Values are drawn so a forward pass stays in a sane range: Dense kernels ~ N(0, 1/fan_in),
-embeddings ~ N(0, 1), norm scales 1 + N(0, 0.1), relative attention biases ~ N(0, 0.1). Every leaf
-differs, so a transposed or misplaced tensor is caught by an exact comparison.
+A family supplies `draw(rng, path, shape)`, which picks the distribution by leaf (e.g. norm scales
+near 1, Dense kernels ~ N(0, 1/fan_in)); leaves are drawn in the tree's flattening order from one
+seeded generator, so the same seed gives the same tree (see `moe_jax.models.switch.random_params`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
 from moe_jax.checkpoints import layout
-from moe_jax.models.switch_config import SwitchConfig
+
+Draw = Callable[[np.random.Generator, layout.TreePath, tuple[int, ...]], np.ndarray]
 
 
-def _draw(rng: np.random.Generator, path: layout.TreePath, shape: tuple[int, ...]) -> np.ndarray:
-  """<f32>[shape] for the leaf at `path`."""
-  name = path[-1]
-  x = rng.standard_normal(shape, dtype=np.float32)
-  if name in ("attn_norm", "cross_norm", "ff_norm", "final_norm"):
-    return 1.0 + 0.1 * x
-  if name == "relative_attention_bias":
-    return 0.1 * x
-  if name in ("shared", "encoder_embed", "decoder_embed"):
-    return x
-  fan_in = shape[-2]  # Dense kernels are [in, out] (expert stacks [E, in, out])
-  x *= np.float32(fan_in ** -0.5)
-  return x
-
-
-def random_params(config: SwitchConfig, seed: int = 0, *, dtype=np.float32) -> dict[str, Any]:
-  """A random parameter tree of `config` (the layout of `moe_jax.models.switch_config`).
+def random_tree(shapes, draw: Draw, *, seed: int = 0, dtype=np.float32) -> Any:
+  """A random tree shaped like `shapes`.
 
   Args:
-    config: the model.
-    seed: numpy seed; the same seed gives the same tree.
+    shapes: a tree of leaves with `.shape` (e.g. `jax.ShapeDtypeStruct`s from
+      `KeyMap.param_shapes()`).
+    draw: (rng, tree path, shape) -> <f32>[shape], called once per leaf in flattening order.
+    seed: numpy seed.
     dtype: dtype of the leaves (drawn in f32, then cast, e.g. to jnp.bfloat16).
 
   Returns:
-    Nested dicts/lists of numpy arrays.
+    The same structure with numpy array leaves.
   """
   rng = np.random.default_rng(seed)
-  shapes = layout.param_shapes(config)
   return jax.tree_util.tree_map_with_path(
-      lambda p, s: _draw(rng, layout.tree_path(p), s.shape).astype(dtype, copy=False), shapes)
+      lambda p, s: draw(rng, layout.tree_path(p), tuple(s.shape)).astype(dtype, copy=False),
+      shapes)

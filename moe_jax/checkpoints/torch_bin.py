@@ -7,7 +7,7 @@ file until they are read. As with safetensors (see `safetensors_io`), pages read
 stay in our resident set until it is dropped, so the shard is re-mapped every `reopen_bytes`.
 
   bin_to_safetensors("switch-base-128", "switch-base-128-st")   # same keys, shard by shard
-  params = hf_switch.assemble_params(BinSource.open("switch-base-8"), config)
+  params = hf_io.assemble_params(BinSource.open("switch-base-8"), key_map)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from moe_jax.checkpoints import safetensors_io
-from moe_jax.checkpoints.hf_switch import TensorLocation
+from moe_jax.checkpoints.safetensors_io import TensorLocation
 
 BIN_NAME = "pytorch_model.bin"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
@@ -105,7 +105,7 @@ def bin_files(src: str) -> tuple[str, list[str], dict[str, str] | None]:
 
 
 class BinSource:
-  """The tensors of a .bin checkpoint, for `hf_switch.assemble_params`."""
+  """The tensors of a .bin checkpoint, for `hf_io.assemble_params`."""
 
   def __init__(self, files: Sequence[str], *, reopen_bytes: int = 64 << 20):
     self.files = list(files)

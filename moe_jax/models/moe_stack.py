@@ -2,7 +2,7 @@
 
 Block l:  h = h + relu(rms(h) @ mix_l)          (a dense token-wise sublayer)
           h = h + MoE_l(rms(h) * norm_l)        (through the `moe_fn` hook)
-Used by tests and examples; real models (e.g. `models.switch`) expose the same `moe_fn` hook.
+Used by tests, benchmarks and examples; model families expose the same `moe_fn` hook.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from moe_jax import moe_layer
 from moe_jax.config import MoEConfig
+from moe_jax.models.common import rms_norm
 
 STACK = "stack"
 
@@ -33,11 +34,6 @@ def moe_layers(params: dict) -> dict:
   return {STACK: [layer["moe"] for layer in params["layers"]]}
 
 
-def rms_norm(x, eps=1e-6):
-  x32 = x.astype(jnp.float32)
-  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-
-
 def forward(params: dict, h: jax.Array, moe_fn) -> tuple[jax.Array, list]:
   """h <f>[B, L, d] through every block; `moe_fn(stack, index, moe_params, x, routing)`.
 
@@ -51,12 +47,3 @@ def forward(params: dict, h: jax.Array, moe_fn) -> tuple[jax.Array, list]:
     h = h + y
     all_stats.append(stats)
   return h, all_stats
-
-
-def plain_moe_fn(cfg: MoEConfig, mesh):
-  """The hook without replication: every layer calls moe_apply with its home slots only."""
-  def moe_fn(stack, index, moe_params, x, routing):
-    del stack, index
-    return moe_layer.moe_apply(moe_params, x, cfg.replace(num_replica_slots=0), mesh=mesh,
-                               routing=routing)
-  return moe_fn

@@ -6,8 +6,9 @@
                          tokens_per_device=4096)
 
 Modules: `cluster` (ExpertShape, Cluster, presets), `cost` (the per-layer cost model), `traces`
-(the .npz format, resampling), `policies` (load estimates + placement), `simulate` (the driver),
-`workload` / `record` (synthetic skewed stacks and recording traces with the library).
+(the .npz format, resampling), `policies` (load estimates + placement), `simulate` (the driver).
+It only turns traces into costs: recording traces by running a model is `moe_jax.bench.record`
+(with the synthetic skewed stacks of `moe_jax.bench.workload`).
 """
 
 from moe_jax.sim import cost, policies, traces

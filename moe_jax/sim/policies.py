@@ -16,25 +16,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_jax import placement
+from moe_jax import predictor as predictor_lib
 
-POLICIES = ("none", "history", "pregate", "learned", "oracle")
+POLICIES = predictor_lib.KINDS
 _TABLES: dict = {}
 
 
 def history_estimates(true_load: np.ndarray, decay: float) -> np.ndarray:
-  """<f64>[S, L, E]: entry s is the EMA of steps 0 .. s - 1 (zeros at s = 0).
+  """<f32>[S, L, E]: entry s is the EMA of steps 0 .. s - 1 (zeros at s = 0), by
+  `predictor.history_update` (the rule the stack runner applies), per layer."""
+  true_load = jnp.asarray(true_load, jnp.float32)
+  update = jax.vmap(predictor_lib.history_update, in_axes=(0, 0, None))
 
-  Same rule as `predictor.history_update`: the first observation is taken as is.
-  """
-  true_load = np.asarray(true_load, np.float64)
-  out = np.zeros_like(true_load)
-  ema = np.zeros_like(true_load[0])
-  for s in range(1, true_load.shape[0]):
-    previous = true_load[s - 1]
-    fresh = (ema == 0).all(axis=-1, keepdims=True)
-    ema = np.where(fresh, previous, decay * ema + (1.0 - decay) * previous)
-    out[s] = ema
-  return out
+  def step(ema, load):
+    return update(ema, load, decay), ema
+
+  _, out = jax.lax.scan(step, jnp.zeros_like(true_load[0]), true_load)
+  return np.asarray(out)
 
 
 def estimates(policy: str, true_load: np.ndarray, predicted: dict, *,
@@ -51,10 +49,11 @@ def estimates(policy: str, true_load: np.ndarray, predicted: dict, *,
     raise ValueError(f"policy {policy!r} is not one of {POLICIES}.")
   if policy == "none":
     return None
-  if policy == "oracle":
+  source = predictor_lib.PREDICTORS[policy].source
+  if source == "truth":
     return np.asarray(true_load, np.float64)
-  history = history_estimates(true_load, decay)
-  if policy == "history":
+  history = np.asarray(history_estimates(true_load, decay), np.float64)
+  if source == "history":
     return history
   if policy not in predicted:
     raise ValueError(f"the trace has no recorded {policy!r} predictions (it has "

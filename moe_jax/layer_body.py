@@ -16,13 +16,17 @@ import numpy as np
 
 from moe_jax import collectives
 from moe_jax import experts
+from moe_jax import grouped_matmul
 from moe_jax import permute
-from moe_jax.config import MoEConfig
+from moe_jax.config import ExecutionConfig, MoEConfig
 
 
 def layer_body(x, expert_ids, combine_weights, dispatch_mask, home, replicas, slot_table, *,
-               cfg: MoEConfig, mode: str, prefetch_inside: bool, ordered: bool = False):
+               cfg: MoEConfig, execution: ExecutionConfig, mode: str, prefetch_inside: bool,
+               ordered: bool = False):
   """x <f>[T, d]; expert_ids, combine_weights, dispatch_mask [T, k]; home/replicas {name: [.., ]}.
+
+  `mode` is the exchange collective actually used ("ragged", "padded" or "emulated_ragged").
 
   `ordered` (XLA:CPU) runs this device's collectives one after another: prefetch, then each
   chunk's exchange, then the drop count (see `collectives.in_order`).
@@ -38,17 +42,17 @@ def layer_body(x, expert_ids, combine_weights, dispatch_mask, home, replicas, sl
   num_devices, slots_per_device = slot_table.shape
   source_index = jax.lax.axis_index("data") * num_devices + jax.lax.axis_index("expert")
   num_tokens = x.shape[0]
-  capacity = cfg.group_capacity(num_tokens) if cfg.dispatch == "capacity" else None
+  capacity = None if execution.dropless else execution.group_capacity(cfg, num_tokens)
   assignment = permute.assign_slots(expert_ids, dispatch_mask, slot_table,
                                     num_experts=cfg.num_experts, source_index=source_index,
                                     capacity=capacity)
   shape = dict(num_devices=num_devices, slots_per_device=slots_per_device)
   if capacity is None:
-    y_choice, group_sizes = _dropless(x, assignment, weights, cfg=cfg, mode=mode,
-                                      ordered=ordered, **shape)
+    y_choice, group_sizes = _dropless(x, assignment, weights, cfg=cfg, execution=execution,
+                                      mode=mode, ordered=ordered, **shape)
   else:
     y_choice, group_sizes = _capacity(x, assignment, weights, cfg=cfg, capacity=capacity,
-                                      ordered=ordered, **shape)
+                                      num_chunks=execution.num_chunks, ordered=ordered, **shape)
   y_choice = jnp.where((assignment.slot >= 0)[:, None], y_choice, 0)
   y_choice = y_choice.reshape(cfg.top_k, num_tokens, -1).astype(jnp.float32)  # [k, T, d]
   y = jnp.einsum("ktd,tk->td", y_choice, combine_weights.astype(jnp.float32))
@@ -64,23 +68,26 @@ def chunk_bounds(size: int, num_chunks: int) -> list[tuple[int, int]]:
   return [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
 
 
-def _dropless(x, assignment, weights, *, cfg, mode, ordered, num_devices, slots_per_device):
+def _dropless(x, assignment, weights, *, cfg, execution, mode, ordered, num_devices,
+              slots_per_device):
   """All N = T * k choices in k-major order -> (y_choice <f>[N, d], rows per local slot [S])."""
   outputs, group_sizes = [], 0
-  for lo, hi in chunk_bounds(assignment.slot.shape[0], cfg.num_chunks):
+  for lo, hi in chunk_bounds(assignment.slot.shape[0], execution.num_chunks):
     piece = jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi], assignment)
     tokens = (lo + jnp.arange(hi - lo)) % x.shape[0]                      # choice -> token
     rows = x[tokens]
     if outputs:  # this chunk's count all_gather and exchanges after the previous chunk's
       _, (rows, piece) = collectives.in_order(outputs[-1], (rows, piece), enabled=ordered)
-    y, sizes = _dropless_chunk(rows, piece, weights, cfg=cfg, mode=mode,
+    y, sizes = _dropless_chunk(rows, piece, weights, activation=cfg.activation,
+                               backend=execution.gmm_backend, mode=mode,
                                num_devices=num_devices, slots_per_device=slots_per_device)
     outputs.append(y)
     group_sizes = group_sizes + sizes
   return jnp.concatenate(outputs, axis=0), group_sizes
 
 
-def _dropless_chunk(rows, assignment, weights, *, cfg, mode, num_devices, slots_per_device):
+def _dropless_chunk(rows, assignment, weights, *, activation, backend, mode, num_devices,
+                    slots_per_device):
   """rows <f>[n, d] (one per choice) -> (y <f>[n, d], rows per local slot <int32>[S])."""
   num_slots = num_devices * slots_per_device
   order, slot_counts = permute.sort_by_slot(assignment, num_slots)
@@ -90,13 +97,14 @@ def _dropless_chunk(rows, assignment, weights, *, cfg, mode, num_devices, slots_
   exchange = dict(count_matrix=count_matrix, slots_per_device=slots_per_device, mode=mode,
                   plan=plan, sorted_slot=sorted_slot)
   received = collectives.dispatch(rows[order], **exchange)                  # [De * n, d]
-  y_received = experts.grouped_ffn(received, plan.group_sizes, weights,
-                                   activation=cfg.activation, backend=cfg.gmm_backend)
+  y_received = grouped_matmul.grouped_ffn(received, plan.group_sizes, weights,
+                                          activation=activation, backend=backend)
   y_sorted = collectives.combine(y_received, **exchange)                    # [n, d]
   return jnp.zeros_like(y_sorted).at[order].set(y_sorted), plan.group_sizes
 
 
-def _capacity(x, assignment, weights, *, cfg, capacity, ordered, num_devices, slots_per_device):
+def _capacity(x, assignment, weights, *, cfg, capacity, num_chunks, ordered, num_devices,
+              slots_per_device):
   """Fixed [G, C, d] buffers; chunks split the capacity axis."""
   num_tokens, width = x.shape
   num_slots = num_devices * slots_per_device
@@ -105,7 +113,7 @@ def _capacity(x, assignment, weights, *, cfg, capacity, ordered, num_devices, sl
   send = jnp.zeros((num_slots, capacity, width), x.dtype)
   send = send.at[slot, assignment.position].set(rows, mode="drop")          # [G, C, d]
   pieces = []
-  for lo, hi in chunk_bounds(capacity, cfg.num_chunks):
+  for lo, hi in chunk_bounds(capacity, num_chunks):
     piece = send[:, lo:hi]
     if pieces:
       _, piece = collectives.in_order(pieces[-1], piece, enabled=ordered)

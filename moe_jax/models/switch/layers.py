@@ -1,6 +1,6 @@
 """T5 building blocks used by the Switch encoder and decoder, as pure functions over arrays.
 
-Semantics follow Hugging Face's T5/Switch implementation (see shared/HF_SWITCH.md):
+Semantics follow Hugging Face's T5/Switch implementation:
   * RMSNorm without mean subtraction or bias, variance in float32;
   * attention without the 1/sqrt(d_kv) scaling (T5 folds it into the initialisation);
   * a learned bias per (relative-position bucket, head), added to the scores before the softmax;
@@ -14,26 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-_HALF_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-  """T5 layer norm: `weight * x / sqrt(mean(x**2) + eps)`.
-
-  Args:
-    x: <f>[..., d].
-    weight: <f>[d].
-    eps: added to the mean square.
-
-  Returns:
-    <f>[..., d] in `weight`'s dtype if it is a half type (as HF casts), else float32-promoted.
-  """
-  x32 = x.astype(jnp.float32)
-  variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-  normed = x32 * jax.lax.rsqrt(variance + eps)
-  if weight.dtype in _HALF_DTYPES:
-    normed = normed.astype(weight.dtype)
-  return weight * normed
+from moe_jax.models.common import rms_norm  # noqa: F401  (the T5 layer norm)
 
 
 def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool,

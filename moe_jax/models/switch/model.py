@@ -6,35 +6,33 @@
   tokens = model.generate(input_ids, attention_mask=am, max_new_tokens=16)
 
 Every sparse FFN runs through the library's MoE layer (`moe_jax.moe_apply`) behind one hook,
-`moe_fn(stack, sparse_index, ff_params, x_normed, routing)` (see `switch_stack`). The stacks are in
-`switch_stack.py`, the T5 layers in `t5_layers.py`, greedy decoding in `switch_generate.py`; this
-module binds them to params, a mesh and an `MoEConfig`, and jits them.
+`moe_fn(stack, sparse_index, ff_params, x_normed, routing)` (see `stack.py`). The stacks are in
+`stack.py`, the T5 layers in `layers.py`, greedy decoding in `generate.py`; this module binds them
+to params, a mesh, the layer's `MoEConfig` and an `ExecutionConfig`, and jits them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import sentencepiece
 from flax import struct
 
 from moe_jax import mesh as mesh_lib
-from moe_jax.config import MoEConfig
-from moe_jax.models import switch_generate
-from moe_jax.models import switch_stack
-from moe_jax.models.switch_config import SwitchConfig
-from moe_jax.models.switch_stack import DefaultMoE, MoEFn, SparseLayerRouting
+from moe_jax.config import ExecutionConfig, MoEConfig
+from moe_jax.models.switch import generate as switch_generate
+from moe_jax.models.switch import stack as switch_stack
+from moe_jax.models.switch.config import SwitchConfig
+from moe_jax.models.switch.keys import hf_key_map
+from moe_jax.models.switch.stack import SparseLayerRouting
+from moe_jax.moe_fn import DefaultMoE, MoEFn
 
 __all__ = [
-    "DefaultMoE", "MoEFn", "RouterOutput", "SparseLayerRouting", "SwitchConfig", "SwitchModel",
-    "SwitchOutput", "check_params", "config_from_dict", "forward", "from_pretrained",
-    "load_tokenizer", "moe_config_for", "shift_right",
+    "RouterOutput", "SparseLayerRouting", "SwitchConfig", "SwitchModel", "SwitchOutput",
+    "check_params", "config_from_dict", "forward", "from_pretrained", "moe_config", "shift_right",
 ]
 
 
@@ -80,11 +78,11 @@ def forward(params: dict, cfg: SwitchConfig, input_ids: jax.Array, attention_mas
   """Teacher-forced encoder-decoder forward (pure; not jitted).
 
   Args:
-    params: the Switch params tree (see `switch_config`).
+    params: the Switch params tree (see `config.py`).
     cfg: its `SwitchConfig`.
     input_ids: <int32>[B, Ls]; attention_mask: <int or bool>[B, Ls] (0 = padding).
     decoder_input_ids: <int32>[B, Ld], starting with `decoder_start_token_id` (see `shift_right`).
-    moe_fn: the sparse-FFN hook, e.g. `DefaultMoE(moe_config, mesh)`.
+    moe_fn: the sparse-FFN hook, e.g. `moe_jax.moe_fn.DefaultMoE(moe_config, mesh=mesh)`.
     decoder_attention_mask: optional <int or bool>[B, Ld] padding mask of the decoder keys.
 
   Returns:
@@ -124,27 +122,31 @@ def _generate_jit(params, input_ids, attention_mask, *, cfg, moe_fn, max_new_tok
 
 
 class SwitchModel:
-  """A Switch Transformer bound to its params, a mesh and the MoE layer configuration.
+  """A Switch Transformer bound to its params, a mesh and how its MoE layers execute.
 
   Args:
     config: the `SwitchConfig`.
-    params: the params tree (see `switch_config`), e.g. from
-      `moe_jax.checkpoints.hf_switch.load_params`.
+    params: the params tree (see `config.py`), e.g. from `from_pretrained` or
+      `moe_jax.checkpoints.hf_io.load_params(path, hf_key_map(config))`.
     mesh: a ('data', 'expert') mesh for the MoE layers, or None for one device. The batch must be
       divisible by its data axis and `num_experts` by its expert axis.
-    moe_overrides: `MoEConfig` fields to change (dispatch, num_replica_slots, gmm_backend,
-      all_to_all, num_chunks, ...). Note that dispatch="capacity" adds the layer's own per-device
-      capacity on top of HF's per-sequence `expert_capacity` and so departs from HF.
+    execution: how the MoE layers run (capacity mode, grouped-matmul backend, all-to-all, chunks);
+      default `ExecutionConfig()` (dropless). Note that capacity_mode="capacity" adds the layer's
+      own per-device capacity on top of HF's per-sequence `expert_capacity` and so departs from HF.
   """
 
   def __init__(self, config: SwitchConfig, params: dict, *, mesh=None,
-               moe_overrides: dict | None = None):
+               execution: ExecutionConfig | None = None):
     check_params(params, config)
+    if execution is not None and not isinstance(execution, ExecutionConfig):
+      raise ValueError(f"execution must be an ExecutionConfig, got {type(execution).__name__}; "
+                       "build one: moe_jax.ExecutionConfig(capacity_mode=..., gmm_backend=...).")
     self.config = config
     self.params = params
     self.mesh = mesh
-    self.moe_config = moe_config_for(config, params["shared"].dtype, moe_overrides)
-    self.moe_fn = DefaultMoE(self.moe_config, mesh)
+    self.execution = execution if execution is not None else ExecutionConfig()
+    self.moe_config = moe_config(config, params["shared"].dtype)
+    self.moe_fn = DefaultMoE(self.moe_config, execution=self.execution, mesh=mesh)
 
   def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None, *,
                decoder_attention_mask=None, output_router: bool = False,
@@ -213,29 +215,17 @@ def _check_mask_shape(mask, ids, name):
                      "give one 0/1 entry per token.")
 
 
-def moe_config_for(config: SwitchConfig, dtype, overrides: dict | None = None) -> MoEConfig:
-  """The `MoEConfig` of the model's sparse blocks: top-1, relu, dropless unless overridden."""
-  fields = dict(num_experts=config.num_experts, d_model=config.d_model, d_ff=config.d_ff, top_k=1,
-                dispatch="dropless", activation="relu", dtype=jnp.dtype(dtype).name)
-  overrides = dict(overrides or {})
-  fixed = {"num_experts", "d_model", "d_ff", "top_k", "activation"}
-  bad = sorted(k for k in overrides if k in fixed and overrides[k] != fields[k])
-  if bad:
-    raise ValueError(f"moe_overrides may not change {bad}: they follow the Switch config "
-                     "(top-1, relu, its widths). Remove them from moe_overrides.")
-  known = {f.name for f in dataclasses.fields(MoEConfig)}
-  unknown = sorted(set(overrides) - known)
-  if unknown:
-    raise ValueError(f"moe_overrides has unknown MoEConfig fields {unknown}; allowed: "
-                     f"{sorted(known - fixed)}.")
-  return MoEConfig(**{**fields, **overrides})
+def moe_config(config: SwitchConfig, dtype) -> MoEConfig:
+  """The `MoEConfig` of the model's sparse blocks: top-1, relu, its widths, leaves of `dtype`."""
+  return MoEConfig(num_experts=config.num_experts, d_model=config.d_model, d_ff=config.d_ff,
+                   top_k=1, activation="relu", dtype=jnp.dtype(dtype).name)
 
 
 def check_params(params: dict, config: SwitchConfig) -> None:
   """ValueError naming the problem if `params` does not have the tree layout `config` implies."""
   if not isinstance(params, dict) or "shared" not in params:
     raise ValueError("params must be the Switch params tree (a dict with 'shared', 'encoder', "
-                     "'decoder'); load it with moe_jax.checkpoints.hf_switch.load_params.")
+                     "'decoder'); load it with moe_jax.models.switch.from_pretrained.")
   vocab, width = params["shared"].shape
   if (vocab, width) != (config.vocab_size, config.d_model):
     raise ValueError(f"params['shared'] is {(vocab, width)} but the config says "
@@ -282,26 +272,14 @@ def config_from_dict(model_dict: Any) -> SwitchConfig:
 
 
 def from_pretrained(path: str, *, mesh=None, dtype=jnp.float32,
-                    moe_overrides: dict | None = None) -> SwitchModel:
+                    execution: ExecutionConfig | None = None) -> SwitchModel:
   """A `SwitchModel` from a Hugging Face checkpoint directory (config.json + safetensors).
 
   With a mesh, the expert stacks are loaded sharded over its expert axis and every other leaf is
-  replicated (see `moe_jax.checkpoints.hf_switch.load_params`).
+  replicated (see `moe_jax.checkpoints.hf_io.load_params`). `moe_jax.models.from_pretrained` also
+  reads moe_jax orbax directories.
   """
-  from moe_jax.checkpoints import hf_switch  # pylint: disable=import-outside-toplevel
+  from moe_jax.checkpoints import hf_io  # pylint: disable=import-outside-toplevel
   config = SwitchConfig.from_hf_dir(path)
-  params = hf_switch.load_params(path, config, dtype=dtype, mesh=mesh)
-  return SwitchModel(config, params, mesh=mesh, moe_overrides=moe_overrides)
-
-
-def load_tokenizer(path: str):
-  """The checkpoint's SentencePiece processor (`path/spiece.model`), or None if it has none."""
-  model_file = os.path.join(path, "spiece.model")
-  if not os.path.exists(model_file):
-    return None
-  return sentencepiece.SentencePieceProcessor(model_file=model_file)
-
-
-def num_params(params: dict) -> int:
-  """Total parameter count of a params tree."""
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+  params = hf_io.load_params(path, hf_key_map(config), dtype=dtype, mesh=mesh)
+  return SwitchModel(config, params, mesh=mesh, execution=execution)

@@ -24,14 +24,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moe_jax.models import switch_stack
-from moe_jax.models.switch_config import SwitchConfig
+from moe_jax.models.switch import stack as switch_stack
+from moe_jax.models.switch.config import SwitchConfig
+from moe_jax.moe_fn import MoEFn
 
 
 def greedy_generate(params: dict, cfg: SwitchConfig, input_ids: jax.Array,
                     attention_mask: jax.Array, *, max_new_tokens: int, use_cache: bool,
                     eos_token_id: int, pad_token_id: int,
-                    moe_fn: switch_stack.MoEFn) -> jax.Array:
+                    moe_fn: MoEFn) -> jax.Array:
   """Greedy decoding (see the module docstring).
 
   Args:

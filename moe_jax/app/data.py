@@ -1,5 +1,5 @@
-"""Real English text that ships with every Python install, a SentencePiece vocabulary trained on it,
-and fixed-shape encoder/decoder windows.
+"""Real English text that ships with every Python install, a SentencePiece vocabulary trained on
+it, and batches of fixed-shape windows (each family cuts its own windows: `text_windows`).
 
 The corpus is `pydoc_data.topics` (the Python reference manual's help topics, ~465 kB). Topics
 are split deterministically into train and held-out sets by name, so benchmarks never score text
@@ -52,11 +52,19 @@ def train_tokenizer(texts: list[str], model_path: str, *, vocab_size: int = 2048
   return model_path
 
 
-def load_tokenizer(model_path: str) -> spm.SentencePieceProcessor:
-  if not os.path.exists(model_path):
-    raise FileNotFoundError(f"no SentencePiece model at {model_path!r}; train one with "
-                            "launch/train.py or point at a checkpoint dir holding spiece.model.")
-  return spm.SentencePieceProcessor(model_file=model_path)
+def load_tokenizer(path: str) -> spm.SentencePieceProcessor | None:
+  """The SentencePiece processor of a checkpoint directory (`path/spiece.model`; None if it has
+  none), or of a `.model` file (FileNotFoundError naming the fix if it is missing)."""
+  if os.path.isdir(path):
+    model_file = os.path.join(path, "spiece.model")
+    if not os.path.exists(model_file):
+      return None
+  else:
+    model_file = path
+    if not os.path.exists(model_file):
+      raise FileNotFoundError(f"no SentencePiece model at {model_file!r}; train one with "
+                              "launch/train.py or point at a checkpoint dir holding spiece.model.")
+  return spm.SentencePieceProcessor(model_file=model_file)
 
 
 def token_stream(texts: list[str], tokenizer) -> np.ndarray:
@@ -66,31 +74,6 @@ def token_stream(texts: list[str], tokenizer) -> np.ndarray:
     ids.extend(tokenizer.encode(text))
     ids.append(EOS)
   return np.asarray(ids, np.int32)
-
-
-def windows(stream: np.ndarray, encoder_len: int, decoder_len: int, *,
-            stride: int | None = None) -> dict[str, np.ndarray]:
-  """Cuts a token stream into (context, continuation) pairs.
-
-  Window i covers stream[s : s + encoder_len + decoder_len] with s = i * stride: the encoder reads
-  the first `encoder_len` tokens, the decoder predicts the next `decoder_len` (teacher forcing:
-  `decoder_input_ids` = [0] + labels[:-1], T5's `decoder_start_token_id` = pad = 0).
-
-  Returns:
-    {"input_ids": <int32>[W, Le], "labels": <int32>[W, Ld], "decoder_input_ids": <int32>[W, Ld]}.
-  """
-  span = encoder_len + decoder_len
-  stride = stride or span
-  starts = np.arange(0, max(len(stream) - span + 1, 0), stride)
-  if len(starts) == 0:
-    raise ValueError(f"a stream of {len(stream)} tokens is shorter than one window of {span}; "
-                     "use shorter windows or more text.")
-  idx = starts[:, None] + np.arange(span)[None, :]
-  tokens = stream[idx]
-  labels = tokens[:, encoder_len:]
-  decoder_inputs = np.concatenate([np.zeros_like(labels[:, :1]), labels[:, :-1]], axis=1)
-  return {"input_ids": tokens[:, :encoder_len], "labels": labels,
-          "decoder_input_ids": decoder_inputs}
 
 
 def batches(data: dict[str, np.ndarray], batch_size: int, *, seed: int | None = None,

@@ -1,6 +1,6 @@
 """The Switch Transformer encoder and decoder stacks, as pure functions over the params tree.
 
-The params tree is documented in `moe_jax/models/switch_config.py`. Every sublayer is pre-norm
+The params tree is documented in `moe_jax/models/switch/config.py`. Every sublayer is pre-norm
 (`x = x + sublayer(rms_norm(x))`); block 0 of each stack owns the relative-position bias table,
 which every block of that stack reuses; cross-attention has no position bias.
 
@@ -12,14 +12,12 @@ so the block passes its input through), and then call one overridable hook:
 
 where `stack` is "encoder" or "decoder", `sparse_index` counts the sparse blocks of that stack from
 0, `x_normed` is <f>[B, L, d] and `routing` the (capacity-masked) `Routing` of its B * L tokens. The
-default hook, `DefaultMoE`, is `moe_jax.moe_apply` with home slots only; replication/prediction
-substitute their own hook, which may change where experts run but never the routing.
+default hook, `moe_jax.moe_fn.DefaultMoE`, is `moe_jax.moe_apply` with home slots only;
+replication/prediction substitute their own hook, which may change where experts run but never the
+routing.
 """
 
 from __future__ import annotations
-
-import dataclasses
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,30 +25,11 @@ from flax import struct
 
 from moe_jax import moe_layer
 from moe_jax import routing as routing_lib
-from moe_jax.config import MoEConfig
-from moe_jax.models import t5_layers
-from moe_jax.models.switch_config import SwitchConfig
+from moe_jax.models.switch import layers
+from moe_jax.models.switch.config import SwitchConfig
+from moe_jax.moe_fn import MoEFn
 
-MoEFn = Callable[[str, int, dict, jax.Array, routing_lib.Routing],
-                 tuple[jax.Array, moe_layer.MoEStats]]
 STACKS = ("encoder", "decoder")
-
-
-@dataclasses.dataclass(frozen=True)
-class DefaultMoE:
-  """The default sparse-FFN hook: `moe_jax.moe_apply` over home slots, on `mesh` (None: 1 device).
-
-  Frozen and hashable, so it can be a static argument of `jax.jit`.
-  """
-
-  moe_config: MoEConfig
-  mesh: Any = None
-
-  def __call__(self, stack: str, sparse_index: int, ff_params: dict, x_normed: jax.Array,
-               routing: routing_lib.Routing):
-    del stack, sparse_index
-    return moe_layer.moe_apply(ff_params, x_normed, self.moe_config, mesh=self.mesh,
-                               routing=routing)
 
 
 @struct.dataclass
@@ -144,16 +123,22 @@ def _sparse_ffn(ff_params, x_normed, cfg, *, stack, sparse_index, moe_fn):
 
 def _ff_sublayer(block, x, cfg, *, is_sparse, stack, sparse_index, moe_fn):
   """x + FFN(rms_norm(x)); returns (x, SparseLayerRouting or None)."""
-  x_normed = t5_layers.rms_norm(x, block["ff_norm"], cfg.layer_norm_epsilon)
+  x_normed = layers.rms_norm(x, block["ff_norm"], cfg.layer_norm_epsilon)
   if not is_sparse:
-    return x + t5_layers.dense_ffn(block["ff"], x_normed), None
+    return x + layers.dense_ffn(block["ff"], x_normed), None
   y, record = _sparse_ffn(block["ff"], x_normed, cfg, stack=stack, sparse_index=sparse_index,
                           moe_fn=moe_fn)
   return x + y.astype(x.dtype), record
 
 
+def moe_layers(params: dict, cfg: SwitchConfig) -> dict[str, list[dict]]:
+  """The stack-runner view: stack name -> its sparse FFN params {"router", "wi", "wo"}, in order."""
+  return {stack: [params[stack]["blocks"][i]["ff"] for i in cfg.sparse_blocks(stack)]
+          for stack in STACKS}
+
+
 def _attention_out(attn, query, keys, values, bias):
-  return jnp.dot(t5_layers.attend(query, keys, values, bias), attn["o"])
+  return jnp.dot(layers.attend(query, keys, values, bias), attn["o"])
 
 
 # --- encoder ---
@@ -176,23 +161,23 @@ def encode(params: dict, cfg: SwitchConfig, input_ids: jax.Array, attention_mask
   enc = params["encoder"]
   x = embedding_table(params, cfg, "encoder")[input_ids]                       # [B, Ls, d]
   positions = jnp.arange(input_ids.shape[1])
-  bias = t5_layers.position_bias(enc["relative_attention_bias"], positions, positions,
+  bias = layers.position_bias(enc["relative_attention_bias"], positions, positions,
                                  bidirectional=True,
                                  max_distance=cfg.relative_attention_max_distance)
   keys_allowed = jnp.asarray(attention_mask).astype(bool)[:, None, None, :]     # [B, 1, 1, Ls]
-  bias = bias + t5_layers.additive_mask(keys_allowed, x.dtype)                 # [B, H, Ls, Ls]
+  bias = bias + layers.additive_mask(keys_allowed, x.dtype)                 # [B, H, Ls, Ls]
   sparse = cfg.sparse_blocks("encoder")
   records = []
   for i, block in enumerate(enc["blocks"]):
     attn = block["attn"]
-    h = t5_layers.rms_norm(x, block["attn_norm"], cfg.layer_norm_epsilon)
-    q, k, v = (t5_layers.split_heads(h, attn[n], cfg.num_heads) for n in ("q", "k", "v"))
+    h = layers.rms_norm(x, block["attn_norm"], cfg.layer_norm_epsilon)
+    q, k, v = (layers.split_heads(h, attn[n], cfg.num_heads) for n in ("q", "k", "v"))
     x = x + _attention_out(attn, q, k, v, bias)
     x, record = _ff_sublayer(block, x, cfg, is_sparse=i in sparse, stack="encoder",
                              sparse_index=len(records), moe_fn=moe_fn)
     if record is not None:
       records.append(record)
-  return t5_layers.rms_norm(x, enc["final_norm"], cfg.layer_norm_epsilon), tuple(records)
+  return layers.rms_norm(x, enc["final_norm"], cfg.layer_norm_epsilon), tuple(records)
 
 
 # --- decoder ---
@@ -211,7 +196,7 @@ def init_decoder_cache(params: dict, cfg: SwitchConfig, encoder_hidden: jax.Arra
   dtype = encoder_hidden.dtype
   d_kv = blocks[0]["attn"]["k"].shape[1] // cfg.num_heads
   empty = jnp.zeros((batch, cfg.num_heads, max_length, d_kv), dtype)
-  project = lambda block, n: t5_layers.split_heads(encoder_hidden, block["cross"][n], cfg.num_heads)
+  project = lambda block, n: layers.split_heads(encoder_hidden, block["cross"][n], cfg.num_heads)
   return DecoderCache(self_keys=(empty,) * len(blocks), self_values=(empty,) * len(blocks),
                       cross_keys=tuple(project(b, "k") for b in blocks),
                       cross_values=tuple(project(b, "v") for b in blocks),
@@ -248,25 +233,25 @@ def decode(params: dict, cfg: SwitchConfig, decoder_input_ids: jax.Array, cache:
   allowed = (key_positions[None, :] <= query_positions[:, None])[None, None]   # [1, 1, Lq, Lmax]
   if decoder_key_mask is not None:
     allowed = allowed & jnp.asarray(decoder_key_mask).astype(bool)[:, None, None, :]
-  self_bias = t5_layers.position_bias(dec["relative_attention_bias"], query_positions,
+  self_bias = layers.position_bias(dec["relative_attention_bias"], query_positions,
                                       key_positions, bidirectional=False,
                                       max_distance=cfg.relative_attention_max_distance)
-  self_bias = self_bias + t5_layers.additive_mask(allowed, x.dtype)
+  self_bias = self_bias + layers.additive_mask(allowed, x.dtype)
   cross_allowed = jnp.asarray(encoder_mask).astype(bool)[:, None, None, :]     # [B, 1, 1, Ls]
-  cross_bias = t5_layers.additive_mask(cross_allowed, x.dtype)
+  cross_bias = layers.additive_mask(cross_allowed, x.dtype)
   sparse = cfg.sparse_blocks("decoder")
   self_keys, self_values, records = [], [], []
   for i, block in enumerate(dec["blocks"]):
     attn, cross = block["attn"], block["cross"]
-    h = t5_layers.rms_norm(x, block["attn_norm"], cfg.layer_norm_epsilon)
-    q, k, v = (t5_layers.split_heads(h, attn[n], cfg.num_heads) for n in ("q", "k", "v"))
+    h = layers.rms_norm(x, block["attn_norm"], cfg.layer_norm_epsilon)
+    q, k, v = (layers.split_heads(h, attn[n], cfg.num_heads) for n in ("q", "k", "v"))
     keys = _write_positions(cache.self_keys[i], k, offset)                   # [B, H, Lmax, d_kv]
     values = _write_positions(cache.self_values[i], v, offset)
     self_keys.append(keys)
     self_values.append(values)
     x = x + _attention_out(attn, q, keys, values, self_bias)
-    h = t5_layers.rms_norm(x, block["cross_norm"], cfg.layer_norm_epsilon)
-    q = t5_layers.split_heads(h, cross["q"], cfg.num_heads)
+    h = layers.rms_norm(x, block["cross_norm"], cfg.layer_norm_epsilon)
+    q = layers.split_heads(h, cross["q"], cfg.num_heads)
     x = x + _attention_out(cross, q, cache.cross_keys[i], cache.cross_values[i], cross_bias)
     x, record = _ff_sublayer(block, x, cfg, is_sparse=i in sparse, stack="decoder",
                              sparse_index=len(records), moe_fn=moe_fn)
@@ -274,7 +259,7 @@ def decode(params: dict, cfg: SwitchConfig, decoder_input_ids: jax.Array, cache:
       records.append(record)
   cache = cache.replace(self_keys=tuple(self_keys), self_values=tuple(self_values),
                         length=offset + decoder_input_ids.shape[1])
-  hidden = t5_layers.rms_norm(x, dec["final_norm"], cfg.layer_norm_epsilon)
+  hidden = layers.rms_norm(x, dec["final_norm"], cfg.layer_norm_epsilon)
   return hidden, cache, tuple(records)
 
 

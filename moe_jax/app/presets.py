@@ -1,18 +1,21 @@
 """Config trees for the launch scripts (ml_collections), shared by the files in configs/.
 
-Launch scripts turn the sub-trees into typed objects at the boundary (`SwitchConfig`, `MoEConfig`,
-`ReplicationConfig`); layers never see the tree.
+Launch scripts turn the tree into typed objects once, at the boundary (`app.config.from_tree`);
+nothing below them sees the tree.
 
-  config.model         SwitchConfig fields (HF config.json names)
+  config.model         family: the model family's name (`moe_jax.models`, e.g. "switch"); the
+                       other fields are the family's Config fields (HF config.json names)
   config.checkpoint    a checkpoint dir: moe_jax orbax (moe_jax.json + params/) or Hugging Face
                        (config.json + *.safetensors); "builtin:NAME" = moe_jax/assets/NAME
-  config.moe           MoEConfig fields of the sparse blocks (dispatch, replica slots, backends)
-  config.replication   ReplicationConfig fields (predictor, first_layer, history_decay,
-                       resident, stickiness)
+  config.execution     ExecutionConfig fields of the MoE layers (capacity_mode, capacity_factor,
+                       gmm_backend, all_to_all, num_chunks)
+  config.replication   ReplicationConfig fields (predictor, num_replica_slots, first_layer,
+                       history_decay, resident, stickiness)
   config.predictor_checkpoint  the learned predictor (orbax dir), "" if none
   config.mesh          data / expert axis sizes (expert=-1: all devices / data)
   config.cpu_devices   simulated CPU devices when the host has one (0: leave XLA alone)
-  config.data          text windows: encoder_len, decoder_len, batch_size, num_batches
+  config.data          batch_size, num_batches, and the family's window lengths (Switch:
+                       encoder_len, decoder_len)
   config.train         training knobs (launch/train.py, launch/train_predictor.py)
   config.bench         benchmark knobs (launch/bench.py)
 """
@@ -23,7 +26,7 @@ import os
 
 import ml_collections
 
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 BUILTIN = "builtin:"
 
 SWITCH_BASE = dict(
@@ -56,17 +59,17 @@ def resolve_checkpoint(path: str) -> str:
   return path
 
 
-def common(model: dict, *, checkpoint: str = "") -> ml_collections.ConfigDict:
-  """The full tree with defaults; `model` holds the SwitchConfig fields."""
+def common(family: str, model: dict, *, checkpoint: str = "") -> ml_collections.ConfigDict:
+  """The full tree with defaults; `model` holds the family's Config fields."""
   c = ml_collections.ConfigDict()
-  c.model = ml_collections.ConfigDict(model)
+  c.model = ml_collections.ConfigDict(dict(family=family, **model))
   c.checkpoint = checkpoint
-  c.moe = ml_collections.ConfigDict(dict(
-      dispatch="dropless", capacity_factor=1.25, num_replica_slots=2, gmm_backend="auto",
-      all_to_all="auto", num_chunks=1))
+  c.execution = ml_collections.ConfigDict(dict(
+      capacity_mode="dropless", capacity_factor=1.25, gmm_backend="auto", all_to_all="auto",
+      num_chunks=1))
   c.replication = ml_collections.ConfigDict(dict(
-      predictor="pregate", first_layer="history", history_decay=0.8, resident=False,
-      stickiness=0.0))
+      predictor="pregate", num_replica_slots=2, first_layer="history", history_decay=0.8,
+      resident=False, stickiness=0.0))
   c.predictor_checkpoint = ""
   c.mesh = ml_collections.ConfigDict(dict(data=1, expert=-1))
   c.cpu_devices = 8
@@ -77,7 +80,7 @@ def common(model: dict, *, checkpoint: str = "") -> ml_collections.ConfigDict:
       vocab_size=2048, stride=32, log_every=50, seed=0, out_dir="",
       predictor_steps=1500, predictor_rank=0, predictor_batches=64))
   c.bench = ml_collections.ConfigDict(dict(
-      policies="none,history,pregate,learned,oracle", dispatch_modes="dropless,capacity",
+      policies="none,history,pregate,learned,oracle", capacity_modes="dropless,capacity",
       repeats=3, warmup_batches=2, report_dir="reports/bench", plots=True))
   c.seed = 0
   return c
@@ -85,7 +88,7 @@ def common(model: dict, *, checkpoint: str = "") -> ml_collections.ConfigDict:
 
 def switch_base(num_experts: int) -> ml_collections.ConfigDict:
   """A released google/switch-base-{num_experts}; point config.checkpoint at the downloaded dir."""
-  c = common(dict(SWITCH_BASE, num_experts=num_experts))
+  c = common("switch", dict(SWITCH_BASE, num_experts=num_experts))
   c.data.batch_size = 8
   c.data.num_batches = 2
   return c
@@ -93,6 +96,6 @@ def switch_base(num_experts: int) -> ml_collections.ConfigDict:
 
 def switch_tiny() -> ml_collections.ConfigDict:
   """The small Switch model trained on pydoc text that ships in moe_jax/assets/switch_tiny."""
-  c = common(dict(SWITCH_TINY), checkpoint=BUILTIN + "switch_tiny")
+  c = common("switch", dict(SWITCH_TINY), checkpoint=BUILTIN + "switch_tiny")
   c.predictor_checkpoint = BUILTIN + "switch_tiny/predictor"
   return c

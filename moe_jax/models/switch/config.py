@@ -30,6 +30,7 @@ import json
 import os
 from typing import Any
 
+MODEL_TYPE = "switch_transformers"   # config.json's model_type
 _HF_FIELDS = {
     # our name: (HF config.json name, default when absent)
     "vocab_size": ("vocab_size", 32128),
@@ -91,7 +92,7 @@ class SwitchConfig:
       if getattr(self, name) < 1:
         raise ValueError(f"SwitchConfig.{name} must be >= 1, got {getattr(self, name)}.")
 
-  # --- sparse-block positions (HF semantics, see shared/HF_SWITCH.md) ---
+  # --- sparse-block positions (HF semantics) ---
 
   @property
   def encoder_step(self) -> int:
@@ -149,7 +150,8 @@ class SwitchConfig:
     for key in ("encoder_sparse_step", "decoder_sparse_step"):
       if getattr(self, key) is not None:
         d[key] = getattr(self, key)
-    d["model_type"] = "switch_transformers"
+    d["model_type"] = MODEL_TYPE
+    d["architectures"] = ["SwitchTransformersForConditionalGeneration"]
     return d
 
   def replace(self, **changes) -> "SwitchConfig":

@@ -17,10 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe_jax import mesh as mesh_lib
 from moe_jax import predictor as predictor_lib
-from moe_jax import predictor_training
+from moe_jax.app import predictor_training
 from moe_jax.config import MoEConfig
 from moe_jax.models import moe_stack
+from moe_jax.moe_fn import DefaultMoE
 from moe_jax.sim import traces as traces_lib
 
 
@@ -30,7 +32,7 @@ def layer_traces(params: dict, cfg: MoEConfig, h: jax.Array, *, mesh) -> tuple[l
   Returns:
     ([x_l <f>[T, d]] every MoE layer's input, [probs_l <f32>[T, E]] its router probabilities).
   """
-  recorder = predictor_training.TraceRecorder(moe_stack.plain_moe_fn(cfg, mesh))
+  recorder = predictor_training.TraceRecorder(DefaultMoE(cfg, mesh=mesh))
   moe_stack.forward(params, h, recorder.moe_fn)
   inputs, probs = recorder.traces()[moe_stack.STACK]
   return list(inputs), list(probs)
@@ -42,7 +44,6 @@ def run_stack(params: dict, cfg: MoEConfig, batches, *, mesh=None) -> list[dict]
   Returns:
     Per batch {"inputs": [<f32>[T, d]] per layer, "probs": [<f32>[T, E]] per layer}, numpy.
   """
-  from moe_jax import mesh as mesh_lib
   mesh = mesh if mesh is not None else mesh_lib.make_mesh(1, 1)
   forward = jax.jit(lambda params, h: layer_traces(params, cfg, h, mesh=mesh))
   out = []

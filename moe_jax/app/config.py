@@ -1,0 +1,160 @@
+"""The launch boundary: the ml_collections tree (see `presets`) -> typed configs, once.
+
+Launch scripts call `from_tree(config)` right after parsing flags and pass the resulting `Job`
+down; nothing below them sees the tree. A bad value is a `UsageError` naming the `--config.*`
+flag to change.
+
+  job = app.config.from_tree(config)       # Job(family, model, execution, replication, ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+from typing import Any
+
+from moe_jax import models
+from moe_jax.app import presets
+from moe_jax.config import ExecutionConfig
+from moe_jax.replication import ReplicationConfig
+
+
+class UsageError(ValueError):
+  """A problem with the user's config or flags; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = 1
+  expert: int = -1          # -1: all devices / data
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Text batches: `window` holds the family's window lengths (e.g. encoder_len, decoder_len)."""
+
+  batch_size: int = 8
+  num_batches: int = 4
+  window: tuple = ()        # ((name, value), ...) passed to the family's `text_windows`
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 1500
+  batch_size: int = 16
+  learning_rate: float = 3e-3
+  warmup: int = 100
+  weight_decay: float = 0.01
+  vocab_size: int = 2048
+  stride: int = 32
+  log_every: int = 50
+  seed: int = 0
+  out_dir: str = ""
+  predictor_steps: int = 1500
+  predictor_rank: int = 0   # 0: full-rank learned predictor
+  predictor_batches: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+  policies: tuple = ("none", "history", "pregate", "learned", "oracle")
+  capacity_modes: tuple = ("dropless", "capacity")
+  repeats: int = 3
+  warmup_batches: int = 2
+  report_dir: str = "reports/bench"
+  plots: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """Everything a launch script needs, typed.
+
+  Attributes:
+    family: the model family's module (`moe_jax.models.<name>`).
+    model: the family's `Config` built from `config.model`.
+    checkpoint: config.checkpoint as given ("builtin:NAME" or a path; "" if none).
+    execution, replication: the MoE layers' `ExecutionConfig` and `ReplicationConfig`.
+    predictor_checkpoint: the learned predictor's directory as given ("" if none).
+    mesh, data, train, bench: the other sub-trees.
+    seed: config.seed.
+    tree: the whole config as a plain dict (recorded in reports, never read below).
+  """
+
+  family: types.ModuleType
+  model: Any
+  checkpoint: str
+  execution: ExecutionConfig
+  replication: ReplicationConfig
+  predictor_checkpoint: str
+  mesh: MeshConfig
+  data: DataConfig
+  train: TrainConfig
+  bench: BenchConfig
+  seed: int
+  tree: dict
+
+  @property
+  def checkpoint_path(self) -> str:
+    return presets.resolve_checkpoint(self.checkpoint)
+
+  @property
+  def predictor_path(self) -> str:
+    return presets.resolve_checkpoint(self.predictor_checkpoint)
+
+  @property
+  def predictor_rank(self) -> int | None:
+    return self.train.predictor_rank if self.train.predictor_rank > 0 else None
+
+
+def from_tree(config) -> Job:
+  """The typed `Job` of a launch config tree; UsageError naming the flag on a bad value."""
+  tree = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  model_tree = dict(tree["model"])
+  family_name = model_tree.pop("family", "switch")
+  try:
+    family = models.get_family(family_name)
+  except ValueError as e:
+    raise UsageError(f"--config.model.family: {e}") from None
+  data = dict(tree["data"])
+  bench = dict(tree["bench"])
+  return Job(
+      family=family,
+      model=_build("model", lambda: family.config_from_dict(model_tree)),
+      checkpoint=str(tree.get("checkpoint", "")),
+      execution=_typed("execution", ExecutionConfig, tree["execution"]),
+      replication=_typed("replication", ReplicationConfig, tree["replication"]),
+      predictor_checkpoint=str(tree.get("predictor_checkpoint", "")),
+      mesh=_typed("mesh", MeshConfig, tree["mesh"]),
+      data=_build("data", lambda: DataConfig(
+          batch_size=int(data.pop("batch_size")), num_batches=int(data.pop("num_batches")),
+          window=tuple(sorted(data.items())))),
+      train=_typed("train", TrainConfig, tree["train"]),
+      bench=_build("bench", lambda: BenchConfig(
+          **dict(bench, policies=_split(bench["policies"]),
+                 capacity_modes=_split(bench["capacity_modes"])))),
+      seed=int(tree.get("seed", 0)),
+      tree=tree)
+
+
+def _split(value) -> tuple:
+  return tuple(v for v in str(value).split(",") if v)
+
+
+def _typed(name: str, cls, fields: dict):
+  """cls(**fields) with unknown keys and bad values reported against --config.<name>.*."""
+  known = [f.name for f in dataclasses.fields(cls)]
+  for key in fields:
+    if key not in known:
+      close = difflib.get_close_matches(key, known, n=3)
+      hint = f" (did you mean {', '.join(f'--config.{name}.{c}' for c in close)}?)" if close else ""
+      raise UsageError(f"--config.{name}.{key} is not a field of {cls.__name__}{hint}; valid: "
+                       f"{', '.join(known)}.")
+  return _build(name, lambda: cls(**fields))
+
+
+def _build(name: str, make):
+  try:
+    return make()
+  except (TypeError, ValueError) as e:
+    raise UsageError(f"--config.{name}: {e}") from None
