@@ -101,13 +101,13 @@ def balanced_sizes(num_rows, num_groups):
 def part_grouped_matmul(shapes, dtype, backend, log):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from moe_jax import experts  # pylint: disable=import-outside-toplevel
+  from moe_jax import experts, grouped_matmul  # pylint: disable=import-outside-toplevel
   d, f, e = shapes["d_model"], shapes["d_ff"], shapes["num_experts"]
   keys = jax.random.split(jax.random.key(0), 3)
   weights = {"wi": (jax.random.normal(keys[0], (e, d, f)) * d ** -0.5).astype(dtype),
              "wo": (jax.random.normal(keys[1], (e, f, d)) * f ** -0.5).astype(dtype)}
-  grouped = jax.jit(lambda x, s, w: experts.grouped_ffn(x, s, w, activation="relu",
-                                                         backend=backend))
+  grouped = jax.jit(lambda x, s, w: grouped_matmul.grouped_ffn(x, s, w, activation="relu",
+                                                                backend=backend))
   dense = jax.jit(lambda x, w: experts.ffn(x, w["wi"][0], w["wo"][0], None, "relu"))
   rows = []
   for tokens in shapes["tokens"]:
@@ -135,7 +135,7 @@ def part_model(shapes, dtype_name, layers, log):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import peer_switch  # pylint: disable=import-outside-toplevel
-  from moe_jax.models import switch_stack  # pylint: disable=import-outside-toplevel
+  from moe_jax.models.switch import stack as switch_stack  # pylint: disable=import-outside-toplevel
   result = {"layers": layers, "num_experts": shapes["num_experts"], "dtype": dtype_name,
             "rows": []}
   setup = peer_switch.Setup(shapes["num_experts"], layers)
@@ -160,15 +160,14 @@ def part_model(shapes, dtype_name, layers, log):
     jax_model = peer_switch.save_and_load(hf_model, directory, dtype=jnp.dtype(dtype_name))
     log(f"(b) save_pretrained + moe_jax load: {time.perf_counter() - start:.1f} s")
   else:
-    from moe_jax.checkpoints import synthetic  # pylint: disable=import-outside-toplevel
     from moe_jax.models import switch  # pylint: disable=import-outside-toplevel
-    from moe_jax.models.switch_config import SwitchConfig  # pylint: disable=import-outside-toplevel
+    from moe_jax.models.switch import SwitchConfig  # pylint: disable=import-outside-toplevel
     config = SwitchConfig(**shapes["model"], num_layers=layers, num_decoder_layers=layers,
                           num_sparse_encoder_layers=max(layers // 2, 1),
                           num_sparse_decoder_layers=max(layers // 2, 1),
                           num_experts=shapes["num_experts"], expert_capacity=1 << 20)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype_name),
-                                    synthetic.random_params(config))
+                                    switch.random_params(config))
     jax_model = switch.SwitchModel(config, params)
   encode = jax.jit(lambda p, ids, mask: switch_stack.encode(p, jax_model.config, ids, mask,
                                                             moe_fn=jax_model.moe_fn)[0])
@@ -220,26 +219,28 @@ def part_replication(shapes, dtype, backend, log):
   expert_axis = max(dv for dv in range(1, devices + 1) if devices % dv == 0 and e % dv == 0)
   mesh = moe_jax.make_mesh(1, expert_axis)
   cfg = moe_jax.MoEConfig(num_experts=e, d_model=shapes["d_model"], d_ff=shapes["d_ff"],
-                          dtype=jnp.dtype(dtype).name, num_replica_slots=shapes["replica_slots"],
-                          gmm_backend=backend or "auto")
+                          dtype=jnp.dtype(dtype).name)
+  execution = moe_jax.ExecutionConfig(gmm_backend=backend or "auto")
+  num_replica_slots = shapes["replica_slots"]
   keys = jax.random.split(jax.random.key(1), 3)
   params = moe_jax.init_moe_params(keys[0], cfg)
   next_router = jax.random.normal(keys[1], (cfg.d_model, e)) * cfg.d_model ** -0.5
   tokens = shapes["moe_tokens"]
   x = jax.random.normal(keys[2], (8, tokens // 8, cfg.d_model)).astype(dtype)
   predict = jax.jit(lambda x: predictor.pregate_load(x.reshape(-1, cfg.d_model), next_router, 1))
-  place = jax.jit(lambda load: placement.place(load, expert_axis, cfg.num_replica_slots))
+  place = jax.jit(lambda load: placement.place(load, expert_axis, num_replica_slots))
   table = place(predict(x))
 
   def run_prefetch():
-    return jax.block_until_ready(moe_jax.prefetch(params, table, cfg, mesh=mesh))
+    return jax.block_until_ready(moe_jax.prefetch(params, table, cfg, mesh=mesh,
+                                                  execution=execution))
 
   replicas = run_prefetch()
-  layer = jax.jit(lambda p, x, t, r: moe_jax.moe_apply(p, x, cfg, mesh=mesh, slot_table=t,
-                                                       replica_weights=r)[0])
+  layer = jax.jit(lambda p, x, t, r: moe_jax.moe_apply(p, x, cfg, execution=execution, mesh=mesh,
+                                                       slot_table=t, replica_weights=r)[0])
   rounds = shapes["rounds"]
   result = {"tokens": tokens, "experts": e, "expert_axis": expert_axis,
-            "replica_slots": cfg.num_replica_slots, "dtype": cfg.dtype,
+            "replica_slots": placement.num_replica_slots(table, e), "dtype": cfg.dtype,
             "predictor_ms": timed(lambda: jax.block_until_ready(predict(x)), rounds) * 1e3,
             "placement_ms": timed(lambda: jax.block_until_ready(place(predict(x))), rounds) * 1e3,
             "prefetch_ms": timed(run_prefetch, rounds) * 1e3,

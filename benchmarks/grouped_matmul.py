@@ -37,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from moe_jax import experts  # noqa: E402
+from moe_jax import experts, experts_cpu, grouped_matmul  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("cases", "1024:8,1024:16,1024:128,4096:8,4096:16,4096:128",
@@ -136,11 +136,11 @@ def contender_fns(num_rows, num_groups, max_group):
   return {
       "dense ideal": jax.jit(lambda x, s, w: experts.ffn(x, w["wi"][0], w["wo"][0], None,
                                                           "relu")),
-      "windowed": jax.jit(lambda x, s, w: experts.grouped_ffn(x, s, w, activation="relu",
-                                                              backend="windowed")),
+      "windowed": jax.jit(lambda x, s, w: grouped_matmul.grouped_ffn(
+          x, s, w, activation="relu", backend="windowed")),
       "windowed_prev": jax.jit(legacy_windowed_ffn),
-      "ragged_dot": jax.jit(lambda x, s, w: experts.grouped_ffn(x, s, w, activation="relu",
-                                                                backend="ragged_dot")),
+      "ragged_dot": jax.jit(lambda x, s, w: grouped_matmul.grouped_ffn(
+          x, s, w, activation="relu", backend="ragged_dot")),
       "batched@max": jax.jit(lambda x, s, w: capacity_contender(x, s, w, max(max_group, 1))),
       "capacity": jax.jit(lambda x, s, w: capacity_contender(x, s, w, capacity)),
   }
@@ -257,7 +257,8 @@ def main(argv):
     path = peer_switch.write_result("grouped_matmul", {
         "flags": {k: getattr(FLAGS, k) for k in ("cases", "loads", "contenders", "d_model",
                                                  "d_ff", "zipf", "rounds", "dtype")},
-        "plans": {f"{r['rows']}:{r['experts']}": str(experts.window_plan(r["rows"], r["experts"]))
+        "plans": {f"{r['rows']}:{r['experts']}": str(experts_cpu.window_plan(r["rows"],
+                                                                             r["experts"]))
                   for r in results},
         "results": results})
     print(f"wrote {path}")

@@ -66,18 +66,23 @@ def run_child(task: str) -> None:
   # pylint: disable=import-outside-toplevel
   import jax
   import moe_jax
-  from moe_jax.checkpoints import convert, hf_switch, orbax_io
+  from moe_jax import models
+  from moe_jax.checkpoints import convert, hf_io, orbax_io
   mesh = None
   if FLAGS.mesh != "none":
     data, expert = (int(x) for x in FLAGS.mesh.split("x"))
     mesh = moe_jax.make_mesh(data, expert)
+  if task != "orbax_restore":  # the family and its key map: imported before the baseline
+    family, config = models.hf_config(FLAGS.src)
+    key_map = family.hf_key_map(config)
   jax.block_until_ready(jax.numpy.zeros(()))  # backends up before the baseline
   baseline = _rss_now()
   start = time.perf_counter()
   if task == "import":
-    params = hf_switch.load_params(FLAGS.src, mesh=mesh)
+    params = hf_io.load_params(FLAGS.src, key_map, mesh=mesh)
   elif task == "orbax_save":
-    convert.to_orbax(FLAGS.src, FLAGS.dst)
+    convert.to_orbax(FLAGS.src, FLAGS.dst, key_map, config_json=config.to_hf_dict(),
+                     family=family.NAME)
     params = None
   else:
     params = orbax_io.restore_params(FLAGS.src, mesh=mesh)
@@ -94,16 +99,17 @@ def build_checkpoint(path: str) -> None:
   """Writes the random switch-base-shaped checkpoint to `path`."""
   # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp
-  from moe_jax.checkpoints import hf_switch, synthetic
-  from moe_jax.models.switch_config import SwitchConfig
-  config = SwitchConfig(
+  from moe_jax.checkpoints import hf_io
+  from moe_jax.models import switch
+  config = switch.Config(
       vocab_size=FLAGS.vocab_size, d_model=FLAGS.d_model, d_ff=FLAGS.d_ff, d_kv=64, num_heads=12,
       num_layers=FLAGS.num_layers, num_decoder_layers=FLAGS.num_layers,
       num_sparse_encoder_layers=FLAGS.num_layers // 2,
       num_sparse_decoder_layers=FLAGS.num_layers // 2, num_experts=FLAGS.num_experts)
-  params = synthetic.random_params(config, seed=0)
-  hf_switch.save_hf_safetensors(params, config, path, max_shard_bytes=FLAGS.max_shard_mb << 20,
-                                dtype=jnp.dtype(FLAGS.dtype))
+  params = switch.random_params(config, seed=0)
+  hf_io.save_hf_safetensors(params, switch.hf_key_map(config), path,
+                            config_json=config.to_hf_dict(),
+                            max_shard_bytes=FLAGS.max_shard_mb << 20, dtype=jnp.dtype(FLAGS.dtype))
 
 
 def _disk_bytes(path: str) -> tuple[int, int]:
@@ -158,7 +164,7 @@ def main(argv):
     model_bytes = disk * (2 if FLAGS.dtype == "bfloat16" else 1)
     print(f"checkpoint on disk: {disk / GiB:.3f} GiB in {shards} safetensors shards "
           f"({FLAGS.dtype}); f32 model {model_bytes / GiB:.3f} GiB")
-    _report("hf_switch.load_params (safetensors -> jax.Array, f32)", imported, disk, model_bytes)
+    _report("hf_io.load_params (safetensors -> jax.Array, f32)", imported, disk, model_bytes)
     if FLAGS.orbax:
       out = os.path.join(orbax_dir, "params")
       _report("convert.to_orbax (safetensors -> orbax)", _run("orbax_save", checkpoint, out),

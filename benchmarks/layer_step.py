@@ -58,9 +58,10 @@ def main(argv):
     data, expert = (int(v) for v in mesh_name.split("x"))
     mesh = moe_jax.make_mesh(data, expert)
     for mode in ("dropless", "capacity"):
-      cfg = base.replace(dispatch=mode)
+      execution = moe_jax.ExecutionConfig(capacity_mode=mode)
       contenders[f"{mode} {mesh_name}"] = jax.jit(
-          lambda p, x, cfg=cfg, mesh=mesh: moe_jax.moe_apply(p, x, cfg, mesh=mesh))
+          lambda p, x, execution=execution, mesh=mesh: moe_jax.moe_apply(
+              p, x, base, execution=execution, mesh=mesh))
   tokens = x.reshape(-1, FLAGS.d_model)
   ideal = jax.jit(lambda p, t: experts.ffn(t, p["wi"][0], p["wo"][0], None, "relu"))
   contenders["dense ideal (1 FFN, equal FLOPs)"] = lambda p, x: ideal(p, jnp.tile(

@@ -16,14 +16,16 @@ Same computation on both sides (d_model --d_model, expert width --d_ff, gated Si
            expert = wo(silu(wi_0 x) * wi_1 x); `sparse_matmul=True, megablox=False,
            capacity_factor=-1` (dropless, `jax.lax.ragged_dot` grouped matmul).
   moe_jax: top-k of softmax(x @ router) renormalised over the k chosen (the same weights);
-           expert = wo(silu(wi_gate x) * wi x) with wi_gate = wi_0, wi = wi_1; dispatch="dropless",
-           the CPU grouped-matmul backend (gmm_backend="auto" -> "windowed").
+           expert = wo(silu(wi_gate x) * wi x) with wi_gate = wi_0, wi = wi_1;
+           ExecutionConfig(capacity_mode="dropless") with the CPU grouped-matmul backend
+           (gmm_backend="auto" -> "windowed").
 Each device count runs in its own subprocess (XLA's host device count is fixed at start-up):
-1 device, and D simulated CPU devices with D-way expert parallelism (MaxText ici_expert_parallelism=D,
-with its ragged all-to-all ("a2a", which XLA:CPU cannot compile) and its all-gather based ring of
-experts ("ring"); and D-way FSDP without expert parallelism, "fsdp"); moe_jax always runs a mesh
-data=1 x expert=D with its padded all-to-all CPU fallback. Outputs are compared (max abs diff) before anything is timed;
-a configuration that fails in MaxText is reported with its error and skipped.
+1 device, and D simulated CPU devices with D-way expert parallelism (MaxText
+ici_expert_parallelism=D, with its ragged all-to-all ("a2a", which XLA:CPU cannot compile) and its
+all-gather based ring of experts ("ring"); and D-way FSDP without expert parallelism, "fsdp");
+moe_jax always runs a mesh data=1 x expert=D with its padded all-to-all CPU fallback. Outputs are
+compared (max abs diff) before anything is timed; a configuration that fails in MaxText is reported
+with its error and skipped.
 
 Results: a table on stdout and benchmarks/results/maxtext_layer_<date>_<host>.json.
 """
@@ -120,11 +122,12 @@ def build_moe_jax(weights, num_experts, top_k, d_model, d_ff, num_devices):
   sys.path.insert(0, ROOT)
   import moe_jax  # pylint: disable=import-outside-toplevel
   cfg = moe_jax.MoEConfig(num_experts=num_experts, d_model=d_model, d_ff=d_ff, top_k=top_k,
-                          activation="silu", renormalize=True, dispatch="dropless")
+                          activation="silu", renormalize=True)
+  execution = moe_jax.ExecutionConfig(capacity_mode="dropless")
   params = {"router": jnp.asarray(weights["gate"]), "wi_gate": jnp.asarray(weights["wi_0"]),
             "wi": jnp.asarray(weights["wi_1"]), "wo": jnp.asarray(weights["wo"])}
   mesh = moe_jax.make_mesh(1, num_devices)
-  forward = jax.jit(lambda p, x: moe_jax.moe_apply(p, x, cfg, mesh=mesh)[0])
+  forward = jax.jit(lambda p, x: moe_jax.moe_apply(p, x, cfg, execution=execution, mesh=mesh)[0])
   return lambda x: forward(params, x)
 
 

@@ -22,7 +22,8 @@ unless the environment sets it) removes that. HF is timed at every --hf_threads 
 faster one is its figure (all are recorded).
 
 Results go to benchmarks/results/peer_switch_<date>_<host>.json (and a table on stdout). The
-helpers here (model pair, timing, result files) are reused by bf16_drift.py and gpu_check.py.
+helpers here (the model pair, inputs, both sides' callables) are reused by bf16_drift.py and
+gpu_check.py; result files and interleaved timing live in bench_io.py (re-exported here).
 """
 
 from __future__ import annotations
@@ -34,93 +35,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import dataclasses  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
 import shutil  # noqa: E402
-import socket  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 import roofline  # noqa: E402  (this directory is on sys.path when run as a script)
+from bench_io import interleaved_medians  # noqa: E402
+from bench_io import write_result  # noqa: E402,F401  (the other scripts call peer_switch's)
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SWITCH_BASE = dict(vocab_size=32128, d_model=768, d_ff=3072, d_kv=64, num_heads=12)
-
-
-# --- machine and result files (shared with the other benchmark scripts) ---
-
-
-def machine_name() -> str:
-  """A short, file-name-safe machine tag: host name and accelerator or CPU core count."""
-  import jax  # pylint: disable=import-outside-toplevel
-  device = jax.devices()[0]
-  kind = device.device_kind.replace(" ", "-") if device.platform != "cpu" else (
-      f"cpu{os.cpu_count()}")
-  host = socket.gethostname().split(".")[0]
-  return "".join(c if c.isalnum() or c in "-_" else "-" for c in f"{host}_{kind}")
-
-
-def machine_info() -> dict:
-  import jax  # pylint: disable=import-outside-toplevel
-  info = {"host": socket.gethostname(), "platform": platform.platform(),
-          "processor": _cpu_model(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
-          "jax": jax.__version__, "jax_devices": [str(d) for d in jax.devices()][:8]}
-  for module in ("torch", "transformers"):
-    try:
-      info[module] = __import__(module).__version__
-    except ImportError:
-      info[module] = None
-  return info
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
-
-
-def write_result(name: str, payload: dict, out_dir: str = RESULTS_DIR) -> str:
-  """Writes `payload` (plus date, machine, command) to out_dir/<name>_<date>_<machine>.json."""
-  os.makedirs(out_dir, exist_ok=True)
-  now = datetime.datetime.now()
-  record = {"date": now.isoformat(timespec="seconds"), "machine": machine_info(),
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv), **payload}
-  path = os.path.join(out_dir, f"{name}_{now:%Y%m%d-%H%M%S}_{machine_name()}.json")
-  with open(path, "w") as f:
-    json.dump(record, f, indent=1, default=_json_default)
-  return path
-
-
-def _json_default(value):
-  if isinstance(value, (np.floating, np.integer)):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  raise TypeError(f"not JSON serialisable: {type(value)}")
-
-
-# --- timing ---
-
-
-def interleaved_medians(contenders: dict, rounds: int) -> dict:
-  """{name: fn()} -> {name: median seconds}; every fn is warmed up once, then rounds interleave."""
-  for fn in contenders.values():
-    fn()
-  times = {name: [] for name in contenders}
-  for _ in range(rounds):
-    for name, fn in contenders.items():
-      start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
-  return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
 # --- the model pair ---
@@ -188,12 +112,13 @@ def build_hf_model(setup: Setup, *, capacity: int, seed: int = 0, widths: dict |
   return model
 
 
-def save_and_load(hf_model, directory: str, *, dtype=None, moe_overrides: dict | None = None):
-  """`save_pretrained(directory)` (safetensors), then moe_jax's `switch.from_pretrained`."""
+def save_and_load(hf_model, directory: str, *, dtype=None, execution=None):
+  """`save_pretrained(directory)` (safetensors), then moe_jax's `switch.from_pretrained`
+  (`execution`: a `moe_jax.ExecutionConfig`, None for the default)."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from moe_jax.models import switch  # pylint: disable=import-outside-toplevel
   hf_model.save_pretrained(directory, safe_serialization=True)
-  return switch.from_pretrained(directory, dtype=dtype or jnp.float32, moe_overrides=moe_overrides)
+  return switch.from_pretrained(directory, dtype=dtype or jnp.float32, execution=execution)
 
 
 def random_inputs(batch: int, length: int, vocab: int, seed: int = 1):
@@ -239,9 +164,9 @@ def jax_encoder(model, input_ids, attention_mask):
   """A jitted moe_jax encoder call on fixed inputs: () -> <f>[B, L, d]."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from moe_jax.models import switch_stack  # pylint: disable=import-outside-toplevel
-  encode = jax.jit(lambda p, ids, mask: switch_stack.encode(
-      p, model.config, ids, mask, moe_fn=model.moe_fn)[0])
+  from moe_jax.models import switch  # pylint: disable=import-outside-toplevel
+  encode = jax.jit(lambda p, ids, mask: switch.prompt_pass(p, model.config, ids, mask,
+                                                           model.moe_fn))
   ids, mask = jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32)
   return lambda: jax.block_until_ready(encode(model.params, ids, mask))
 
@@ -331,17 +256,17 @@ def timing_row(what, batch_text, medians, produced) -> dict:
 
 
 def run_setup(setup: Setup, *, batches, gen_batch, new_tokens, rounds, capacity, tolerance,
-              moe_overrides=None, hf_threads=(1, 2), log=print) -> dict:
+              execution=None, hf_threads=(1, 2), log=print) -> dict:
   import gc  # pylint: disable=import-outside-toplevel
+  from moe_jax.models import switch  # pylint: disable=import-outside-toplevel
   result = {"setup": setup.name, "num_experts": setup.num_experts, "layers": setup.layers}
   directory = tempfile.mkdtemp(prefix="peer_switch_")
   try:
     hf_model = build_hf_model(setup, capacity=capacity)
-    jax_model = save_and_load(hf_model, directory, moe_overrides=moe_overrides)
+    jax_model = save_and_load(hf_model, directory, execution=execution)
   finally:
     shutil.rmtree(directory, ignore_errors=True)
-  result["sparse_blocks"] = {s: list(jax_model.config.sparse_blocks(s))
-                             for s in ("encoder", "decoder")}
+  result["sparse_blocks"] = {s: list(jax_model.config.sparse_blocks(s)) for s in switch.STACKS}
   gen_batch_size, gen_length = gen_batch
   check = agreement(hf_model, jax_model, batch=gen_batch_size, length=gen_length,
                     new_tokens=new_tokens)
@@ -389,6 +314,7 @@ def main(argv):
   from absl import flags  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
   import torch  # pylint: disable=import-outside-toplevel
+  from moe_jax.config import ExecutionConfig  # pylint: disable=import-outside-toplevel
   hf_threads = tuple(int(t) for t in f.hf_threads.split(","))
   setups = parse_setups(f.setups)
   batches = parse_batches(f.batches)
@@ -397,7 +323,8 @@ def main(argv):
   for setup in setups:
     results.append(run_setup(setup, batches=batches, gen_batch=gen_batch,
                              new_tokens=f.new_tokens, rounds=f.rounds, capacity=f.capacity,
-                             tolerance=f.tolerance, moe_overrides=_overrides(f.gmm_backend),
+                             tolerance=f.tolerance,
+                             execution=ExecutionConfig(gmm_backend=f.gmm_backend),
                              hf_threads=hf_threads))
   path = write_result("peer_switch", {
       "flags": {k: getattr(f, k) for k in ("setups", "batches", "gen_batch", "new_tokens",
@@ -406,10 +333,6 @@ def main(argv):
       "torch_default_threads": torch.get_num_threads(),
       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "results": results})
   print(f"wrote {path}")
-
-
-def _overrides(backend):
-  return None if backend == "auto" else {"gmm_backend": backend}
 
 
 def _define_flags():

@@ -1,4 +1,5 @@
-"""Balancedness and capacity drops with and without replicas, on Zipf-skewed routing (counts, not time).
+"""Balancedness and capacity drops with and without replicas on Zipf-skewed routing (counts, not
+time).
 
   python benchmarks/replica_balance.py [--experts=16 --devices=8 --replica_slots=2 --seeds=5]
 
@@ -35,7 +36,8 @@ flags.DEFINE_integer("seeds", 5, "independent routings")
 
 
 def zipf_routing(rng, tokens: int, experts: int, s: float) -> moe_jax.Routing:
-  """Top-1 choices with Zipf(s) popularity over a random expert order; weights uniform in [0.2, 1]."""
+  """Top-1 choices with Zipf(s) popularity over a random expert order; weights uniform in
+  [0.2, 1]."""
   popularity = 1.0 / np.arange(1, experts + 1) ** s
   popularity = popularity[rng.permutation(experts)] / popularity.sum()
   ids = rng.choice(experts, size=(tokens, 1), p=popularity).astype(np.int32)
@@ -51,9 +53,8 @@ def zipf_routing(rng, tokens: int, experts: int, s: float) -> moe_jax.Routing:
 def main(argv):
   del argv
   mesh = moe_jax.make_mesh(1, FLAGS.devices, devices=jax.devices()[:FLAGS.devices])
-  base = moe_jax.MoEConfig(num_experts=FLAGS.experts, d_model=8, d_ff=8,
-                           num_replica_slots=FLAGS.replica_slots)
-  params = moe_jax.init_moe_params(jax.random.key(0), base)
+  cfg = moe_jax.MoEConfig(num_experts=FLAGS.experts, d_model=8, d_ff=8)
+  params = moe_jax.init_moe_params(jax.random.key(0), cfg)
   x = jnp.zeros((FLAGS.devices, FLAGS.tokens // FLAGS.devices, 8))
   rng = np.random.default_rng(0)
   print(f"E={FLAGS.experts} D={FLAGS.devices} r={FLAGS.replica_slots} T={FLAGS.tokens} "
@@ -63,12 +64,15 @@ def main(argv):
   for seed in range(FLAGS.seeds):
     routing = zipf_routing(rng, FLAGS.tokens, FLAGS.experts, FLAGS.zipf)
     load = routing.tokens_per_expert.astype(jnp.float32)
-    table = moe_jax.place(load, base, mesh=mesh)
+    table = moe_jax.place(load, cfg, num_replica_slots=FLAGS.replica_slots, mesh=mesh)
     row = []
-    for dispatch in ("dropless", "capacity"):
-      cfg = base.replace(dispatch=dispatch, capacity_factor=FLAGS.capacity_factor)
-      _, none = moe_jax.moe_apply(params, x, cfg, mesh=mesh, routing=routing)
-      _, oracle = moe_jax.moe_apply(params, x, cfg, mesh=mesh, routing=routing, slot_table=table)
+    for capacity_mode in ("dropless", "capacity"):
+      execution = moe_jax.ExecutionConfig(capacity_mode=capacity_mode,
+                                          capacity_factor=FLAGS.capacity_factor)
+      _, none = moe_jax.moe_apply(params, x, cfg, execution=execution, mesh=mesh,
+                                  routing=routing)
+      _, oracle = moe_jax.moe_apply(params, x, cfg, execution=execution, mesh=mesh,
+                                    routing=routing, slot_table=table)
       row.append((none, oracle))
     (b_none, b_oracle), (c_none, c_oracle) = row
     print(f"{seed:4d} {float(load.max() / load.mean()):15.2f} {float(b_none.balancedness):13.3f} "

@@ -36,30 +36,33 @@ def _pin(process_id: int) -> None:
   os.sched_setaffinity(0, {cores[process_id % len(cores)]})
 
 
-def _programs(cfg, mesh, params, h):
+def _programs(cfg, num_replica_slots, mesh, params, h):
   """name -> thunk running one step (inputs bound)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from moe_jax import moe_layer, placement, replication  # pylint: disable=import-outside-toplevel
+  from moe_jax import moe_layer, placement, replicas  # pylint: disable=import-outside-toplevel
+  from moe_jax import replication  # pylint: disable=import-outside-toplevel
   from moe_jax.models import moe_stack  # pylint: disable=import-outside-toplevel
+  from moe_jax.moe_fn import DefaultMoE  # pylint: disable=import-outside-toplevel
 
   layers = moe_stack.moe_layers(params)
-  home = placement.home_slot_table(cfg.num_experts, 2, cfg.num_replica_slots)
-  empty = [moe_layer.empty_replicas(p, cfg, mesh=mesh) for p in layers[moe_stack.STACK]]
+  home = placement.home_slot_table(cfg.num_experts, 2, num_replica_slots)
+  empty = [replicas.empty_replicas(p, num_replica_slots, mesh=mesh)
+           for p in layers[moe_stack.STACK]]
   learned = distributed.from_host(
       [{"w": np.zeros((cfg.d_model, cfg.num_experts), np.float32),
         "b": np.zeros((cfg.num_experts,), np.float32)} for _ in range(len(empty) - 1)], mesh)
   zeros = distributed.from_host(np.zeros((len(empty), cfg.num_experts), np.float32), mesh)
 
-  none = jax.jit(lambda p, h: moe_stack.forward(p, h, moe_stack.plain_moe_fn(cfg, mesh))[0])
+  none = jax.jit(lambda p, h: moe_stack.forward(p, h, DefaultMoE(cfg, mesh=mesh))[0])
 
   @jax.jit
-  def slots(p, h, replicas):
+  def slots(p, h, replica_weights):
     def moe_fn(stack, index, ff, x, routing):
       del stack
       return moe_layer.moe_apply(ff, x, cfg, mesh=mesh, slot_table=home,
-                                 replica_weights=replicas[index], routing=routing)
+                                 replica_weights=replica_weights[index], routing=routing)
     return moe_stack.forward(p, h, moe_fn)[0]
 
   def runner_program(rcfg, extras):
@@ -72,7 +75,7 @@ def _programs(cfg, mesh, params, h):
 
     held = [replication.with_resident_replicas(
         replication.init_state({moe_stack.STACK: len(empty)}, cfg.num_experts), layers, cfg,
-        mesh)]
+        num_replica_slots, mesh)]
     empty_history = held[0].history
 
     def step():
@@ -84,8 +87,8 @@ def _programs(cfg, mesh, params, h):
   policy = jnp.int32(replication.policy_index("oracle"))
   dyn_extras = dict(learned={moe_stack.STACK: learned}, oracle_loads={moe_stack.STACK: zeros},
                     policy=policy)
-  resident = lambda kind: replication.ReplicationConfig(predictor=kind, resident=True,
-                                                        stickiness=0.1)
+  resident = lambda kind: replication.ReplicationConfig(
+      predictor=kind, num_replica_slots=num_replica_slots, resident=True, stickiness=0.1)
   return {"none": lambda: none(params, h), "slots": lambda: slots(params, h, empty),
           "history": runner_program(resident("history"), {}),
           "dynamic": runner_program(resident("dynamic"), dyn_extras)}
@@ -101,20 +104,20 @@ def main(argv):
   import numpy as np  # pylint: disable=import-outside-toplevel
   from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
   import moe_jax  # pylint: disable=import-outside-toplevel
-  from moe_jax.sim import workload  # pylint: disable=import-outside-toplevel
+  from moe_jax import replicas  # pylint: disable=import-outside-toplevel
+  from moe_jax.bench import workload  # pylint: disable=import-outside-toplevel
 
-  cfg = moe_jax.MoEConfig(num_experts=8, top_k=1, d_model=512, d_ff=2048,
-                          num_replica_slots=FLAGS.replica_slots)
+  cfg = moe_jax.MoEConfig(num_experts=8, top_k=1, d_model=512, d_ff=2048)
   mesh = distributed.make_global_mesh(1, 2)
   host = jax.tree.map(np.asarray, workload.skewed_stack(jax.random.key(0), cfg, 4, skew=0.5))
-  expert_names = set(moe_jax.moe_layer.EXPERT_WEIGHT_NAMES)
+  expert_names = set(replicas.EXPERT_WEIGHT_NAMES)
   params = jax.tree_util.tree_map_with_path(
       lambda path, leaf: distributed.from_host(
           leaf, mesh, P("expert") if path[-1].key in expert_names else P()), host)
   x = workload.topic_batch(cfg, 8, 512, 0)
   rows = distributed.local_batch_rows(8, mesh, ("data", "expert"))
   h = distributed.from_process_local(x[rows], mesh, P(("data", "expert")), x.shape)
-  programs = _programs(cfg, mesh, params, h)
+  programs = _programs(cfg, FLAGS.replica_slots, mesh, params, h)
   times = {name: [] for name in programs}
   for run in programs.values():
     jax.block_until_ready(run())

@@ -144,7 +144,7 @@ def add_bounds(result, jax_model, batches, hit, gen_batch, new_tokens, log):
 def encoder_experts_hit(jax_model, input_ids, attention_mask) -> list[int]:
   """Distinct experts the real router sends this batch's tokens to, per encoder sparse block."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from moe_jax.models import switch_stack  # pylint: disable=import-outside-toplevel
+  from moe_jax.models.switch import stack as switch_stack  # pylint: disable=import-outside-toplevel
   _, records = switch_stack.encode(jax_model.params, jax_model.config,
                                    jnp.asarray(input_ids, jnp.int32),
                                    jnp.asarray(attention_mask, jnp.int32),

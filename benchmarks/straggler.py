@@ -38,9 +38,10 @@ from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import moe_jax  # noqa: E402
-from moe_jax import distributed, host_memory, replication  # noqa: E402
+from moe_jax import distributed, host_memory, replicas, replication  # noqa: E402
+from moe_jax.bench import record, workload  # noqa: E402
 from moe_jax.models import moe_stack  # noqa: E402
-from moe_jax.sim import fit, record, traces, workload  # noqa: E402
+from moe_jax.sim import fit, traces  # noqa: E402
 
 # Each process drives one device on one pinned core: one malloc arena keeps every thread's
 # buffers in the reused main heap (see moe_jax/host_memory.py; before any computation).
@@ -55,7 +56,7 @@ flags.DEFINE_integer("num_layers", 4, "MoE layers in the stack")
 flags.DEFINE_integer("replica_slots", 2, "replica slots per device")
 flags.DEFINE_integer("batch", 8, "sequences per step (split over the 2 processes)")
 flags.DEFINE_integer("length", 512, "tokens per sequence")
-flags.DEFINE_float("skew", 0.5, "router skew towards low expert ids (see moe_jax.sim.workload)")
+flags.DEFINE_float("skew", 0.5, "router skew towards low expert ids (see moe_jax.bench.workload)")
 flags.DEFINE_float("topic_scale", 0.5, "step-to-step drift of the batches' topic")
 flags.DEFINE_integer("steps", 4, "distinct batches per round")
 flags.DEFINE_integer("rounds", 5, "timed rounds (after one untimed warm-up round)")
@@ -93,7 +94,7 @@ def _pin(process_id: int) -> list:
 
 def _build(cfg, mesh, host_params):
   """Global params (experts sharded over 'expert'), the timed batches and the training batches."""
-  experts = {k for k in moe_jax.moe_layer.EXPERT_WEIGHT_NAMES}
+  experts = set(replicas.EXPERT_WEIGHT_NAMES)
   put = lambda path, leaf: distributed.from_host(
       leaf, mesh, P("expert") if path[-1].key in experts else P())
   params = jax.tree_util.tree_map_with_path(put, host_params)
@@ -144,7 +145,7 @@ def _programs(cfg, mesh):
     return run
 
   replicating = lambda kind: replication.ReplicationConfig(
-      predictor=kind, resident=FLAGS.resident,
+      predictor=kind, num_replica_slots=FLAGS.replica_slots, resident=FLAGS.resident,
       stickiness=FLAGS.stickiness if FLAGS.resident else 0.0)
   programs = {"none": timed(replication.ReplicationConfig(predictor="none"))}
   if FLAGS.dynamic:
@@ -184,7 +185,8 @@ def _run_once(programs, policy, params, h, state, learned, oracle):
 def _initial_state(params, cfg, mesh):
   state = replication.init_state({moe_stack.STACK: FLAGS.num_layers}, cfg.num_experts)
   if FLAGS.resident:
-    state = replication.with_resident_replicas(state, moe_stack.moe_layers(params), cfg, mesh)
+    state = replication.with_resident_replicas(state, moe_stack.moe_layers(params), cfg,
+                                               FLAGS.replica_slots, mesh)
   return state
 
 
@@ -334,7 +336,7 @@ def main(argv):
   cores = _pin(FLAGS.process_id) if FLAGS.pin else sorted(os.sched_getaffinity(0))
   info = distributed.initialize_from_flags()
   cfg = moe_jax.MoEConfig(num_experts=FLAGS.num_experts, top_k=1, d_model=FLAGS.d_model,
-                          d_ff=FLAGS.d_ff, num_replica_slots=FLAGS.replica_slots)
+                          d_ff=FLAGS.d_ff)
   mesh = distributed.make_global_mesh(1, 2)
   host_params = jax.tree.map(np.asarray, workload.skewed_stack(
       jax.random.key(0), cfg, FLAGS.num_layers, skew=FLAGS.skew))

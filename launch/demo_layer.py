@@ -1,6 +1,6 @@
 """Demo: one expert-parallel MoE layer on a (data=2, expert=4) mesh, checked against the oracle.
 
-  python launch/demo_layer.py [--num_experts=16 --top_k=2 --dispatch=capacity]
+  python launch/demo_layer.py [--num_experts=16 --top_k=2 --capacity_mode=capacity]
   python launch/local_cluster.py --num_processes=2 --devices_per_process=4 -- \
       python launch/demo_layer.py             # the same mesh spread over 2 processes
 """
@@ -15,11 +15,13 @@ from absl import flags  # noqa: E402
 
 import moe_jax  # noqa: E402
 from moe_jax import distributed, reference  # noqa: E402
+from moe_jax.config import CAPACITY_MODES  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_experts", 16, "experts")
 flags.DEFINE_integer("top_k", 1, "experts per token")
-flags.DEFINE_enum("dispatch", "dropless", ["dropless", "capacity"], "dispatch mode")
+flags.DEFINE_enum("capacity_mode", "dropless", list(CAPACITY_MODES),
+                  "dropless, or capacity (fixed per-slot buffers; the overflow is dropped)")
 flags.DEFINE_integer("data", 2, "data axis size")
 flags.DEFINE_integer("expert", 4, "expert axis size")
 
@@ -27,7 +29,8 @@ flags.DEFINE_integer("expert", 4, "expert axis size")
 def main(argv):
   del argv
   cfg = moe_jax.MoEConfig(num_experts=FLAGS.num_experts, top_k=FLAGS.top_k, d_model=64,
-                          d_ff=128, dispatch=FLAGS.dispatch)
+                          d_ff=128)
+  execution = moe_jax.ExecutionConfig(capacity_mode=FLAGS.capacity_mode)
   if jax.process_count() > 1:   # every process runs this; the mesh spans all of them
     mesh = distributed.make_global_mesh(FLAGS.data, FLAGS.expert)
   else:
@@ -35,7 +38,8 @@ def main(argv):
   params = moe_jax.init_moe_params(jax.random.key(0), cfg)   # same seed: same values everywhere
   x = jax.random.normal(jax.random.key(1), (8, 32, cfg.d_model))
   x = x.at[..., :4].add(1.5)  # a shared component makes the router's choices skewed
-  y, stats = distributed.gather(moe_jax.moe_apply(params, x, cfg, mesh=mesh))
+  y, stats = distributed.gather(moe_jax.moe_apply(params, x, cfg, execution=execution,
+                                                  mesh=mesh))
   if jax.process_index() != 0:
     return
   r = stats.routing
@@ -44,12 +48,12 @@ def main(argv):
   print(f"devices: {len(jax.devices())} x {jax.devices()[0].platform} in "
         f"{jax.process_count()} process(es); mesh "
         f"data={FLAGS.data} x expert={FLAGS.expert}; {cfg.num_experts} experts, top-{cfg.top_k}, "
-        f"{cfg.dispatch}")
+        f"{execution.capacity_mode}")
   print(f"tokens per expert: {np.asarray(stats.tokens_per_expert).tolist()}")
   print(f"tokens per device [data, expert]: {np.asarray(stats.tokens_per_device).tolist()}")
   print(f"balancedness (mean/max per device): {float(stats.balancedness):.3f}; "
         f"dropped choices: {int(stats.dropped_choices)} of {int(stats.total_choices)}")
-  if cfg.dispatch == "dropless":
+  if execution.dropless:
     err = float(np.max(np.abs(np.asarray(y).reshape(-1, cfg.d_model) - np.asarray(oracle))))
     print(f"max |moe_apply - dense oracle| = {err:.2e}")
 

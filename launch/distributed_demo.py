@@ -22,8 +22,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import moe_jax  # noqa: E402
 from moe_jax import distributed, replication  # noqa: E402
+from moe_jax.bench import workload  # noqa: E402
 from moe_jax.models import moe_stack  # noqa: E402
-from moe_jax.sim import workload  # noqa: E402
 
 FLAGS = flags.FLAGS
 distributed.define_flags()
@@ -42,8 +42,9 @@ def _forward(cfg, mesh, kind):
   def run(params, h, oracle):
     state = replication.init_state({moe_stack.STACK: FLAGS.num_layers}, cfg.num_experts)
     extra = {"oracle_loads": {moe_stack.STACK: oracle}} if kind == "oracle" else {}
-    runner = replication.StackRunner(replication.ReplicationConfig(predictor=kind), cfg, mesh,
-                                     moe_stack.moe_layers(params), state, **extra)
+    rcfg = replication.ReplicationConfig(predictor=kind, num_replica_slots=FLAGS.replica_slots)
+    runner = replication.StackRunner(rcfg, cfg, mesh, moe_stack.moe_layers(params), state,
+                                     **extra)
     out, stats = moe_stack.forward(params, h, runner.moe_fn)
     return out, jnp.stack([s.tokens_per_device for s in stats]), jnp.stack(
         [s.tokens_per_expert for s in stats]).astype(jnp.float32)
@@ -54,8 +55,7 @@ def main(argv):
   del argv
   info = distributed.initialize_from_flags()
   mesh = distributed.make_global_mesh(FLAGS.data, FLAGS.expert)
-  cfg = moe_jax.MoEConfig(num_experts=FLAGS.num_experts, d_model=64, d_ff=128,
-                          num_replica_slots=FLAGS.replica_slots)
+  cfg = moe_jax.MoEConfig(num_experts=FLAGS.num_experts, d_model=64, d_ff=128)
   params = jax.tree.map(np.asarray, workload.skewed_stack(jax.random.key(0), cfg,
                                                           FLAGS.num_layers, skew=1.0))
   params = distributed.from_host(params, mesh)

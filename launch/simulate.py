@@ -6,7 +6,7 @@
 1. Traces: for each shape, a synthetic skewed MoE stack with that shape's E and top-k (narrow
    widths: only the routing is kept) runs over `--steps` batches whose topic drifts; per step and
    layer it records the true tokens per expert and the pregate / learned predicted loads (see
-   moe_jax/sim/record.py). Saved under --traces_dir and reused.
+   moe_jax/bench/record.py). Saved under --traces_dir and reused.
 2. Simulation: for each device count, every policy places replicas from its estimate with
    moe_jax.placement.place and is costed by moe_jax/sim/cost.py on each of `--clusters`, with
    each data row's loads resampled to --tokens_per_device tokens per device (sim/traces.py).
@@ -33,7 +33,8 @@ from absl import flags, logging  # noqa: E402
 from moe_jax import sim  # noqa: E402
 from moe_jax.app.config import UsageError  # noqa: E402
 from moe_jax.config import MoEConfig  # noqa: E402
-from moe_jax.sim import plot, record, traces, validate, workload  # noqa: E402
+from moe_jax.bench import record, workload  # noqa: E402
+from moe_jax.sim import plot, traces, validate  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "results")
 FLAGS = flags.FLAGS
@@ -52,7 +53,7 @@ flags.DEFINE_integer("layers", 6, "MoE layers in the recorded stack")
 flags.DEFINE_integer("record_width", 64, "d_model of the recorded stack (d_ff = 2x)")
 flags.DEFINE_integer("record_batch", 8, "sequences per recorded step")
 flags.DEFINE_integer("record_length", 1024, "tokens per recorded sequence")
-flags.DEFINE_float("skew", 0.25, "router skew of the recorded stack (moe_jax/sim/workload.py)")
+flags.DEFINE_float("skew", 0.25, "router skew of the recorded stack (moe_jax/bench/workload.py)")
 flags.DEFINE_float("topic_scale", 0.1, "step-to-step topic drift of the recorded batches")
 flags.DEFINE_float("mix_scale", 0.1, "scale of the recorded stack's dense sublayers")
 flags.DEFINE_bool("resident_replicas", False, "replicas stay resident between steps: only "
@@ -71,8 +72,7 @@ def _record(shape_key: str, path: str) -> traces.Trace:
   """Records (true, pregate, learned) loads of a skewed stack with the shape's E and top-k."""
   shape = sim.SHAPES[shape_key]
   cfg = MoEConfig(num_experts=shape.num_experts, top_k=shape.top_k, d_model=FLAGS.record_width,
-                  d_ff=2 * FLAGS.record_width, activation="silu" if shape.gated else "relu",
-                  gmm_backend="auto")
+                  d_ff=2 * FLAGS.record_width, activation="silu" if shape.gated else "relu")
   params = workload.skewed_stack(jax.random.key(0), cfg, FLAGS.layers, skew=FLAGS.skew,
                                  permute=True, mix_scale=FLAGS.mix_scale)
   batch = lambda step: workload.topic_batch(cfg, FLAGS.record_batch, FLAGS.record_length, step,
@@ -186,7 +186,7 @@ def main(argv):
   del argv
   if FLAGS.stickiness > 0 and not FLAGS.resident_replicas:
     raise UsageError("--stickiness keeps the previous step's table, which only resident "
-                             "replicas remember: add --resident_replicas.")
+                     "replicas remember: add --resident_replicas.")
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
   if FLAGS.validate:

@@ -1,4 +1,4 @@
-"""Metrics defined once and reported everywhere (see DESIGN.md, "Metrics").
+"""Metrics defined once and reported everywhere (the report, the plots, the simulator).
 
   balancedness   mean / max tokens per device (1.0 is perfect)   -> placement.balancedness
   maxvio         max / mean - 1                                   -> placement.maxvio

@@ -24,9 +24,8 @@ from jax.sharding import PartitionSpec as P
 
 import moe_jax
 from moe_jax import distributed, replication
-from moe_jax.checkpoints import synthetic
 from moe_jax.models import moe_stack, switch
-from moe_jax.models.switch_config import SwitchConfig
+from moe_jax.models.switch import SwitchConfig
 from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -38,8 +37,9 @@ SWITCH = SwitchConfig(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_heads=4, n
 # third of the time of the CPU default. That matters here: jax writes the persistent compilation
 # cache from process 0 only, and process 1's entries never match, so process 1 compiles every run.
 GMM_BACKEND = "dense"
-STACK_CFG = moe_jax.MoEConfig(num_experts=8, top_k=2, d_model=16, d_ff=32, num_replica_slots=2,
-                              gmm_backend=GMM_BACKEND)
+STACK_CFG = moe_jax.MoEConfig(num_experts=8, top_k=2, d_model=16, d_ff=32)
+STACK_EXECUTION = moe_jax.ExecutionConfig(gmm_backend=GMM_BACKEND)
+STACK_REPLICATION = replication.ReplicationConfig(predictor="pregate", num_replica_slots=2)
 STACK_LAYERS = 3
 SWITCH_MESH = (2, 4)   # data spans the 2 processes; the expert all-to-all stays in one process
 STACK_MESH = (1, 8)    # the expert all-to-all spans both processes
@@ -60,9 +60,9 @@ def switch_outputs(mesh) -> dict:
   rows = distributed.local_batch_rows(ids.shape[0], mesh)
   batch = [distributed.from_process_local(np.asarray(a)[rows], mesh, P("data"), np.shape(a))
            for a in (ids, mask, dec_ids)]
-  params = distributed.from_host(synthetic.random_params(SWITCH, seed=0), mesh)
-  moe_cfg = switch.moe_config_for(SWITCH, np.float32, {"gmm_backend": GMM_BACKEND})
-  moe_fn = switch.DefaultMoE(moe_cfg, mesh)
+  params = distributed.from_host(switch.random_params(SWITCH, seed=0), mesh)
+  moe_fn = moe_jax.DefaultMoE(switch.moe_config(SWITCH, np.float32),
+                              moe_jax.ExecutionConfig(gmm_backend=GMM_BACKEND), mesh)
 
   @jax.jit
   def forward(params, ids, mask, dec_ids):
@@ -89,8 +89,8 @@ def stack_outputs(mesh) -> dict:
 
   @jax.jit
   def run(params, h, state):
-    runner = replication.StackRunner(replication.ReplicationConfig(predictor="pregate"), cfg,
-                                     mesh, moe_stack.moe_layers(params), state)
+    runner = replication.StackRunner(STACK_REPLICATION, cfg, mesh, moe_stack.moe_layers(params),
+                                     state, execution=STACK_EXECUTION)
     out, _ = moe_stack.forward(params, h, runner.moe_fn)
     records = runner.records()[moe_stack.STACK]
     return {"out": out,

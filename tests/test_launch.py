@@ -64,7 +64,7 @@ def test_predictor_bench_and_infer(checkpoint, tmp_path):
               f"--config.predictor_checkpoint={predictor}", "--config.data.batch_size=8",
               "--config.data.num_batches=1", "--config.bench.repeats=1",
               "--config.data.encoder_len=16", "--config.data.decoder_len=16",
-              "--config.bench.dispatch_modes=dropless", f"--config.bench.report_dir={report_dir}")
+              "--config.bench.capacity_modes=dropless", f"--config.bench.report_dir={report_dir}")
   assert "EP speedup" in proc.stdout
   with open(os.path.join(report_dir, "report.json")) as f:
     report = json.load(f)
@@ -114,7 +114,10 @@ def test_demo_layer():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--config.moe.replica_slotz=2"], 'Did you mean "num_replica_slots"'),
+    (["--config.replication.replica_slotz=2"], 'Did you mean "num_replica_slots"'),
+    (["--config.execution.capacity_mode=sometimes"],
+     "--config.execution: ExecutionConfig.capacity_mode='sometimes' is not one of"),
+    (["--config.replication.num_replica_slots=-1"], "--config.replication: num_replica_slots=-1"),
     (["--config.checkpoint=/nonexistent"], "is not a directory"),
     (["--config.mesh.data=16", "--config.checkpoint=."], "does not fit the 8 visible"),
 ])

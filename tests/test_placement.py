@@ -79,3 +79,18 @@ def test_copy_slots_and_copies():
   np.testing.assert_array_equal(placement.copies_per_expert(table, 4), [2, 1, 1, 2])
   np.testing.assert_array_equal(placement.copy_slots(table, 4),
                                 [[0, 5], [1, -1], [3, -1], [2, 4]])
+
+
+def test_replica_slots_are_read_from_the_table_width():
+  """r is the table's width minus h; `validate_slot_table` without r accepts any r >= 0."""
+  for r in (0, 1, 3):
+    table = placement.home_slot_table(8, 4, r)
+    assert placement.num_replica_slots(table, 8) == r
+    placement.validate_slot_table(table, 8, 4)
+    placement.validate_slot_table(table, 8, 4, r)
+  with pytest.raises(ValueError, match=r"has shape \(4, 1\), expected \(4, 2\)"):
+    placement.validate_slot_table(np.zeros((4, 1), np.int32), 8, 4)       # narrower than h
+  with pytest.raises(ValueError, match=r"has shape \(4, 5\), expected \(4, 4\)"):
+    placement.validate_slot_table(placement.home_slot_table(8, 4, 3), 8, 4, 2)
+  with pytest.raises(ValueError, match="out of range"):
+    placement.validate_slot_table(np.array([[0, 1, 9], [2, 3, -1], [4, 5, -1], [6, 7, -1]]), 8, 4)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import moe_jax
-from moe_jax import metrics, predictor
+from moe_jax import metrics, predictor, replication
 from moe_jax.app import predictor_training
+from moe_jax.sim import policies
 from moe_jax.models import moe_stack
 from tests import helpers
 
@@ -16,7 +17,7 @@ def _traces():
   cfg = moe_jax.MoEConfig(num_experts=8, d_model=16, d_ff=32)
   params = moe_stack.init(jax.random.key(0), cfg, 3)
   mesh = moe_jax.make_mesh(1, 8)
-  recorder = predictor_training.TraceRecorder(moe_stack.plain_moe_fn(cfg, mesh))
+  recorder = predictor_training.TraceRecorder(moe_jax.DefaultMoE(cfg, mesh=mesh))
 
   @jax.jit
   def record(params, h):
@@ -74,3 +75,32 @@ def test_metrics():
   assert metrics.oracle_balancedness([3.0, 1.0, 1.0, 1.0], 2, 1) == pytest.approx(1.0)
   counts = predictor.choice_counts(jnp.array([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]]), 1)
   np.testing.assert_array_equal(counts, [2.0, 1.0])
+
+
+def test_registry_is_the_one_list_of_kinds():
+  """Every consumer reads `PREDICTORS`; each estimator gives (load [E], top-1 [T]) as documented."""
+  assert predictor.KINDS == ("none",) + predictor.REPLICATING
+  assert predictor.REPLICATING == tuple(predictor.PREDICTORS)
+  assert replication.DYNAMIC_KINDS == predictor.REPLICATING
+  assert policies.POLICIES == predictor.KINDS
+  x = jax.random.normal(jax.random.key(0), (6, 16))
+  router = jax.random.normal(jax.random.key(1), (16, 8))
+  learned = predictor.init_learned(jax.random.key(2), 16, 8, rank=3)
+  inputs = predictor.LayerInputs(x=x, next_router=router, history=jnp.arange(8.0),
+                                 learned=learned, oracle=jnp.arange(8.0)[::-1], top_k=2)
+  logits = {"pregate": predictor.pregate_logits(x, router),
+            "learned": predictor.learned_logits(learned, x)}
+  for name, kind in predictor.PREDICTORS.items():
+    assert kind.name == name and kind.source in ("history", "hidden_state", "truth")
+    load, top1 = kind.estimate(inputs)
+    assert load.shape == (8,) and load.dtype == jnp.float32 and top1.shape == (6,)
+    if kind.source == "hidden_state":
+      np.testing.assert_array_equal(load, predictor.choice_counts(logits[name], 2))
+      np.testing.assert_array_equal(top1, jnp.argmax(logits[name], axis=-1))
+      assert float(jnp.sum(load)) == 6 * 2
+    else:
+      want = inputs.history if kind.source == "history" else inputs.oracle
+      np.testing.assert_array_equal(load, want)
+      np.testing.assert_array_equal(top1, -1)
+  with pytest.raises(ValueError, match="is not one of"):
+    predictor.check_kind("psychic")

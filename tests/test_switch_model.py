@@ -365,7 +365,7 @@ def test_task_batches_and_the_prompt_side():
   model = switch.SwitchModel(cfg, params)
   logits = switch.forward_batch(params, cfg, batch, model.moe_fn)
   want = model(batch["input_ids"], decoder_input_ids=batch["decoder_input_ids"]).logits
-  np.testing.assert_allclose(logits, want, rtol=1e-6, atol=1e-6)
+  assert helpers.rel_err(logits, want) <= 1e-5             # unjitted vs jitted: fp32 rounding
   total, metrics = switch.loss(params, cfg, {**batch, "labels": batch["labels"]}, model.moe_fn)
   assert np.isfinite(float(total)) and float(total) >= float(metrics["ce"])
   hidden = switch.prompt_pass(params, cfg, ref["input_ids"], ref["attention_mask"], model.moe_fn)

@@ -267,10 +267,7 @@ def save_hf_safetensors(params, key_map: layout.KeyMap, path: str, *, config_jso
   shards = shard_plan(sizes, max_shard_bytes)
   names = ([WEIGHTS_NAME] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-  for stale in glob.glob(os.path.join(path, "model*.safetensors")) + [
-      os.path.join(path, INDEX_NAME)]:
-    if os.path.exists(stale):
-      os.remove(stale)
+  _remove_weights(path)
 
   host_leaf: dict[str, Any] = {"path": None, "array": None}  # one leaf on the host at a time
 
@@ -293,12 +290,25 @@ def save_hf_safetensors(params, key_map: layout.KeyMap, path: str, *, config_jso
     written.append(file)
   host_leaf["array"] = None
   if len(shards) > 1:
-    index_file = os.path.join(path, INDEX_NAME)
-    with open(index_file, "w") as f:
-      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    written.append(index_file)
+    written.append(_write_index(path, total, weight_map))
   write_config(config_json, path)
   return written
+
+
+def _remove_weights(path: str) -> None:
+  """Deletes the weight files and index a previous export left in `path`."""
+  for stale in glob.glob(os.path.join(path, "model*.safetensors")) + [
+      os.path.join(path, INDEX_NAME)]:
+    if os.path.exists(stale):
+      os.remove(stale)
+
+
+def _write_index(path: str, total_bytes: int, weight_map: dict[str, str]) -> str:
+  """Writes `model.safetensors.index.json` ({key: shard file name}) in `path`; returns it."""
+  index_file = os.path.join(path, INDEX_NAME)
+  with open(index_file, "w") as f:
+    json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, f, indent=2)
+  return index_file
 
 
 def write_config(config_json: dict, path: str) -> str:

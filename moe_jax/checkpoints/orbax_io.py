@@ -17,9 +17,9 @@ abstract tree (with shardings) is rebuilt from it, and a `target` is checked aga
 orbax reads anything. It also stores the model's config as a dict (config.json fields) and the
 name of its family (`moe_jax.models`), which the caller turns back into a typed config.
 
-Manifests written before the family seam (format `moe_jax.params/1`, no "family", no "expert"
-flags) are read with the rule those checkpoints were written under: a 3-D leaf whose path ends in
-("ff", "wi" | "wo" | "wi_gate") is an expert stack.
+Older manifests (format `moe_jax.params/1`: no "family", no "expert" flags; e.g. the shipped
+switch_tiny) are read with the rule their checkpoints were written under: a 3-D leaf whose path
+ends in ("ff", "wi" | "wo" | "wi_gate") is an expert stack.
 """
 
 from __future__ import annotations

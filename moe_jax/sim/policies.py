@@ -57,7 +57,7 @@ def estimates(policy: str, true_load: np.ndarray, predicted: dict, *,
     return history
   if policy not in predicted:
     raise ValueError(f"the trace has no recorded {policy!r} predictions (it has "
-                     f"{sorted(predicted)}); record them with moe_jax.sim.record.")
+                     f"{sorted(predicted)}); record them with moe_jax.bench.record.")
   out = np.asarray(predicted[policy], np.float64).copy()
   out[:, 0] = history[:, 0]            # layer 0 has no predecessor: history, as StackRunner
   return out

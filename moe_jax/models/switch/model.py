@@ -170,7 +170,7 @@ class SwitchModel:
   def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int,
                use_cache: bool = True, eos_token_id: int | None = None,
                moe_fn: MoEFn | None = None) -> jax.Array:
-    """Greedy decoding: <int32>[B, 1 + max_new_tokens] (see `switch_generate`).
+    """Greedy decoding: <int32>[B, 1 + max_new_tokens] (see `generate.py`).
 
     Args:
       input_ids, attention_mask: the encoder input <int32>[B, Ls] and its mask.

@@ -162,10 +162,10 @@ def encode(params: dict, cfg: SwitchConfig, input_ids: jax.Array, attention_mask
   x = embedding_table(params, cfg, "encoder")[input_ids]                       # [B, Ls, d]
   positions = jnp.arange(input_ids.shape[1])
   bias = layers.position_bias(enc["relative_attention_bias"], positions, positions,
-                                 bidirectional=True,
-                                 max_distance=cfg.relative_attention_max_distance)
+                              bidirectional=True,
+                              max_distance=cfg.relative_attention_max_distance)
   keys_allowed = jnp.asarray(attention_mask).astype(bool)[:, None, None, :]     # [B, 1, 1, Ls]
-  bias = bias + layers.additive_mask(keys_allowed, x.dtype)                 # [B, H, Ls, Ls]
+  bias = bias + layers.additive_mask(keys_allowed, x.dtype)                    # [B, H, Ls, Ls]
   sparse = cfg.sparse_blocks("encoder")
   records = []
   for i, block in enumerate(enc["blocks"]):
@@ -234,8 +234,8 @@ def decode(params: dict, cfg: SwitchConfig, decoder_input_ids: jax.Array, cache:
   if decoder_key_mask is not None:
     allowed = allowed & jnp.asarray(decoder_key_mask).astype(bool)[:, None, None, :]
   self_bias = layers.position_bias(dec["relative_attention_bias"], query_positions,
-                                      key_positions, bidirectional=False,
-                                      max_distance=cfg.relative_attention_max_distance)
+                                   key_positions, bidirectional=False,
+                                   max_distance=cfg.relative_attention_max_distance)
   self_bias = self_bias + layers.additive_mask(allowed, x.dtype)
   cross_allowed = jnp.asarray(encoder_mask).astype(bool)[:, None, None, :]     # [B, 1, 1, Ls]
   cross_bias = layers.additive_mask(cross_allowed, x.dtype)
