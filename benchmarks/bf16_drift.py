@@ -73,8 +73,9 @@ def greedy_agreement(want: np.ndarray, got: np.ndarray) -> dict:
 
 
 def routing_flips(out32, out16) -> dict:
+  from moe_jax.models import switch  # pylint: disable=import-outside-toplevel
   flips = {}
-  for stack in ("encoder", "decoder"):
+  for stack in switch.STACKS:
     a = [np.asarray(r.expert_index) for r in getattr(out32.router, stack)]
     b = [np.asarray(r.expert_index) for r in getattr(out16.router, stack)]
     if a:

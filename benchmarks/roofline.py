@@ -22,9 +22,11 @@ def decode_step_bytes(params: dict, batch: int, source_length: int, top_k: int =
   then the LM head (the shared embedding when tied). The growing self-attention cache and the
   activations are left out (small at these lengths), so this under-counts.
   """
+  from moe_jax.models import switch  # pylint: disable=import-outside-toplevel
   nbytes = lambda a: int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize
   total, experts_read = 0, []
-  for block in params["decoder"]["blocks"]:
+  _, decoder = switch.STACKS
+  for block in params[decoder]["blocks"]:
     total += sum(nbytes(block["attn"][k]) for k in ("q", "k", "v", "o"))
     total += sum(nbytes(block["cross"][k]) for k in ("q", "o"))
     total += 2 * batch * source_length * np.shape(block["cross"]["k"])[1] * 4
@@ -77,8 +79,10 @@ def encoder_bytes_flops(params: dict, batch: int, length: int,
   tokens = batch * length
   size = lambda a: int(np.prod(np.shape(a)))
   nbytes = lambda a: size(a) * np.dtype(a.dtype).itemsize
+  from moe_jax.models import switch  # pylint: disable=import-outside-toplevel
   total_bytes, flops, sparse = 0, 0.0, 0
-  for block in params["encoder"]["blocks"]:
+  encoder, _ = switch.STACKS
+  for block in params[encoder]["blocks"]:
     attn = block["attn"]
     total_bytes += sum(nbytes(attn[k]) for k in ("q", "k", "v", "o"))
     flops += 2.0 * tokens * sum(size(attn[k]) for k in ("q", "k", "v", "o"))

@@ -43,7 +43,7 @@ class ReplicationConfig:
     first_layer: placement of each stack's first MoE layer: "history" or "none".
     history_decay: EMA decay of the per-layer load history.
     resident: keep each layer's replicas between batches (in `ReplicationState`) and fetch only
-      the slots whose expert changed (`moe_layer.refresh`), instead of every slot every batch.
+      the slots whose expert changed (`replicas.refresh`), instead of every slot every batch.
     stickiness: with `resident`, keep the held table unless a new one lowers the expected max
       device load by more than this fraction (`placement.place`): trades balance for traffic.
   """
