@@ -213,7 +213,7 @@ def part_replication(shapes, dtype, backend, log):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import moe_jax  # pylint: disable=import-outside-toplevel
-  from moe_jax import placement, predictor  # pylint: disable=import-outside-toplevel
+  from moe_jax import predictor  # pylint: disable=import-outside-toplevel
   e = shapes["num_experts"]
   devices = len(jax.devices())
   expert_axis = max(dv for dv in range(1, devices + 1) if devices % dv == 0 and e % dv == 0)
@@ -228,29 +228,31 @@ def part_replication(shapes, dtype, backend, log):
   tokens = shapes["moe_tokens"]
   x = jax.random.normal(keys[2], (8, tokens // 8, cfg.d_model)).astype(dtype)
   predict = jax.jit(lambda x: predictor.pregate_load(x.reshape(-1, cfg.d_model), next_router, 1))
-  place = jax.jit(lambda load: placement.place(load, expert_axis, num_replica_slots))
-  table = place(predict(x))
+  place = jax.jit(lambda load: moe_jax.place(load, cfg, num_replica_slots=num_replica_slots,
+                                             mesh=mesh))
+  columns = place(predict(x))
+  # Jitted, the columns are traced: no host-side check (a device-to-host copy) in the timing.
+  prefetch = jax.jit(lambda p, c: moe_jax.prefetch(p, c, cfg, mesh=mesh, execution=execution))
 
   def run_prefetch():
-    return jax.block_until_ready(moe_jax.prefetch(params, table, cfg, mesh=mesh,
-                                                  execution=execution))
+    return jax.block_until_ready(prefetch(params, columns))
 
   replicas = run_prefetch()
-  layer = jax.jit(lambda p, x, t, r: moe_jax.moe_apply(p, x, cfg, execution=execution, mesh=mesh,
-                                                       slot_table=t, replica_weights=r)[0])
+  layer = jax.jit(lambda p, x, r: moe_jax.moe_apply(p, x, cfg, execution=execution, mesh=mesh,
+                                                    replicas=r)[0])
   rounds = shapes["rounds"]
   result = {"tokens": tokens, "experts": e, "expert_axis": expert_axis,
-            "replica_slots": placement.num_replica_slots(table, e), "dtype": cfg.dtype,
+            "replica_slots": replicas.num_replica_slots, "dtype": cfg.dtype,
             "predictor_ms": timed(lambda: jax.block_until_ready(predict(x)), rounds) * 1e3,
             "placement_ms": timed(lambda: jax.block_until_ready(place(predict(x))), rounds) * 1e3,
             "prefetch_ms": timed(run_prefetch, rounds) * 1e3,
-            "layer_ms": timed(lambda: jax.block_until_ready(layer(params, x, table, replicas)),
+            "layer_ms": timed(lambda: jax.block_until_ready(layer(params, x, replicas)),
                               rounds) * 1e3}
   result["placement_ms"] -= result["predictor_ms"]   # it was timed on top of a prediction
   overhead = result["predictor_ms"] + max(result["placement_ms"], 0.0) + result["prefetch_ms"]
   result["overhead_ms"] = overhead
   result["fraction_of_layer"] = overhead / result["layer_ms"]
-  result["replicas_placed"] = int(np.sum(np.asarray(table)[:, e // expert_axis:] >= 0))
+  result["replicas_placed"] = int(np.sum(np.asarray(columns) >= 0))
   log(f"(c) T={tokens} E={e} expert axis {expert_axis}: predictor {result['predictor_ms']:.2f} ms"
       f" + placement {result['placement_ms']:.2f} ms + prefetch {result['prefetch_ms']:.2f} ms = "
       f"{overhead:.2f} ms vs layer {result['layer_ms']:.2f} ms -> "

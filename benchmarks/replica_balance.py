@@ -64,7 +64,8 @@ def main(argv):
   for seed in range(FLAGS.seeds):
     routing = zipf_routing(rng, FLAGS.tokens, FLAGS.experts, FLAGS.zipf)
     load = routing.tokens_per_expert.astype(jnp.float32)
-    table = moe_jax.place(load, cfg, num_replica_slots=FLAGS.replica_slots, mesh=mesh)
+    replicas = moe_jax.prefetch(params, moe_jax.place(
+        load, cfg, num_replica_slots=FLAGS.replica_slots, mesh=mesh), cfg, mesh=mesh)
     row = []
     for capacity_mode in ("dropless", "capacity"):
       execution = moe_jax.ExecutionConfig(capacity_mode=capacity_mode,
@@ -72,7 +73,7 @@ def main(argv):
       _, none = moe_jax.moe_apply(params, x, cfg, execution=execution, mesh=mesh,
                                   routing=routing)
       _, oracle = moe_jax.moe_apply(params, x, cfg, execution=execution, mesh=mesh,
-                                    routing=routing, slot_table=table)
+                                    routing=routing, replicas=replicas)
       row.append((none, oracle))
     (b_none, b_oracle), (c_none, c_oracle) = row
     print(f"{seed:4d} {float(load.max() / load.mean()):15.2f} {float(b_none.balancedness):13.3f} "

@@ -6,7 +6,7 @@
 The straggler benchmark's stack (d=512, f=2048, E=8, 4 MoE layers, 4096 tokens), timed,
 interleaved, as four programs that compute the same thing on one skewed batch:
   none      the layers with no replica slots;
-  slots     r replica slots per device, the home-only table and empty replicas (the layer's cost
+  slots     r replica slots per device, all empty (`empty_replicas`: the layer's cost
             of having slots at all);
   history   the stack runner with the history predictor and resident replicas, from an empty
             history (so it places nothing: the runner's own cost);
@@ -41,13 +41,12 @@ def _programs(cfg, num_replica_slots, mesh, params, h):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from moe_jax import moe_layer, placement, replicas  # pylint: disable=import-outside-toplevel
+  from moe_jax import moe_layer, replicas  # pylint: disable=import-outside-toplevel
   from moe_jax import replication  # pylint: disable=import-outside-toplevel
   from moe_jax.models import moe_stack  # pylint: disable=import-outside-toplevel
   from moe_jax.moe_fn import DefaultMoE  # pylint: disable=import-outside-toplevel
 
   layers = moe_stack.moe_layers(params)
-  home = placement.home_slot_table(cfg.num_experts, 2, num_replica_slots)
   empty = [replicas.empty_replicas(p, num_replica_slots, mesh=mesh)
            for p in layers[moe_stack.STACK]]
   learned = distributed.from_host(
@@ -58,11 +57,10 @@ def _programs(cfg, num_replica_slots, mesh, params, h):
   none = jax.jit(lambda p, h: moe_stack.forward(p, h, DefaultMoE(cfg, mesh=mesh))[0])
 
   @jax.jit
-  def slots(p, h, replica_weights):
+  def slots(p, h, held):
     def moe_fn(stack, index, ff, x, routing):
       del stack
-      return moe_layer.moe_apply(ff, x, cfg, mesh=mesh, slot_table=home,
-                                 replica_weights=replica_weights[index], routing=routing)
+      return moe_layer.moe_apply(ff, x, cfg, mesh=mesh, replicas=held[index], routing=routing)
     return moe_stack.forward(p, h, moe_fn)[0]
 
   def runner_program(rcfg, extras):

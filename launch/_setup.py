@@ -5,11 +5,38 @@
   ...
   if __name__ == "__main__":
     _setup.run(main)                 # absl app.run + one-line errors for UsageError
+
+Importing it turns on jax's persistent compilation cache (see `enable_compilation_cache`), so a
+second run of a script loads its compiled programs instead of compiling them again.
 """
 
+import difflib
+import importlib.util
 import os
 import re
 import sys
+
+CACHE_ENV = "MOE_JAX_COMPILATION_CACHE"
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "moe_jax", "jax_cache")
+
+
+def enable_compilation_cache() -> str | None:
+  """Points jax's persistent compilation cache at ~/.cache/moe_jax/jax_cache; returns the dir.
+
+  $MOE_JAX_COMPILATION_CACHE overrides the directory; set it to 0 (or off, or empty) to turn the
+  cache off. A JAX_COMPILATION_CACHE_DIR the user exported wins over both. Programs that compile
+  in under 0.2 s are not stored. Works through jax's environment variables, so it must run
+  before jax is imported.
+  """
+  chosen = os.environ.get(CACHE_ENV, DEFAULT_CACHE_DIR)
+  if chosen.strip().lower() in ("", "0", "off", "false", "no"):
+    return None
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser(chosen))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+  return os.environ["JAX_COMPILATION_CACHE_DIR"]
+
+
+enable_compilation_cache()
 
 
 def simulate_cpu_devices(count: int | None = None) -> None:
@@ -30,22 +57,101 @@ def simulate_cpu_devices(count: int | None = None) -> None:
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DEFAULT_CONFIG = None   # the script's default config file, once `define_config` ran
 
 
 def define_config(default: str):
   """`config_flags.DEFINE_config_file("config", ...)` with a default relative to the repo root.
 
-  config_flags applies `--config.x=...` overrides while defining the flag, so an unknown key
-  fails here: print one line naming it instead of a traceback.
+  config_flags loads the default config and applies `--config.x=...` overrides while defining
+  the flag (or, with --config=FILE, while parsing flags), so a bad override fails here or in
+  `run`: either way it is one line naming the key and the valid keys closest to it.
   """
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  global _DEFAULT_CONFIG
+  default = _DEFAULT_CONFIG = os.path.join(REPO, default)
   try:
-    return config_flags.DEFINE_config_file("config", os.path.join(REPO, default),
-                                           lock_config=True)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    message = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
-    print(f"error: bad --config override: {message}", file=sys.stderr)
-    sys.exit(2)
+    return config_flags.DEFINE_config_file("config", default, lock_config=True)
+  except Exception as e:  # pylint: disable=broad-except  (config_flags raises many kinds)
+    _exit_usage(override_error(e, default))
+
+
+def override_error(error: Exception, default: str) -> str:
+  """One line for a failed --config.* override: the first key that is not in the config tree
+  with the valid keys closest to it, else config_flags' own message without its newlines."""
+  message = " ".join(str(error).strip("'\"").replace("\\n", " ").replace("\\'", "'").split())
+  tree = _config_paths(_config_spec(default))
+  if tree is None:
+    return f"bad --config override: {message}"
+  for key in _override_keys():
+    if key in tree or any(path.startswith(key + ".") for path in tree):
+      continue
+    parent = key.rpartition(".")[0]
+    if parent not in _config_groups(tree):
+      parent = ""
+    prefix = parent + "." if parent else ""
+    siblings = sorted({p[len(prefix):].split(".")[0] for p in tree if p.startswith(prefix)})
+    leaf = key[len(prefix):]
+    # Near misses of the same level, then keys elsewhere whose own name is very close.
+    close = [prefix + c for c in difflib.get_close_matches(leaf, siblings, n=3, cutoff=0.6)]
+    close += [p for p in tree if p not in close and difflib.get_close_matches(
+        leaf.rpartition(".")[2], [p.rpartition(".")[2]], cutoff=0.8)][:3]
+    hint = f" did you mean {' or '.join('--config.' + c for c in close)}?" if close else ""
+    group = "--config." + parent if parent else "--config"
+    return (f"--config.{key} is not a config key;{hint} the keys of {group} are: "
+            f"{', '.join(siblings)}.")
+  return f"bad --config override: {message}"
+
+
+def _config_spec(default: str) -> str:
+  """The --config=... value on the command line, else the script's default."""
+  for i, arg in enumerate(sys.argv[1:], 1):
+    if arg.startswith("--config="):
+      return arg[len("--config="):]
+    if arg == "--config" and i + 1 < len(sys.argv):
+      return sys.argv[i + 1]
+  return default
+
+
+def _override_keys() -> list[str]:
+  """The dotted keys of the --config.KEY=VALUE (or --[no]config.KEY) flags, in order."""
+  keys = []
+  for arg in sys.argv[1:]:
+    match = re.match(r"--(?:no)?config\.([^=]+)", arg)
+    if match:
+      keys.append(match.group(1))
+  return keys
+
+
+def _config_paths(spec: str) -> list[str] | None:
+  """Every dotted key of the config file `spec` ("path[:arg]"), or None if it does not load."""
+  path, _, arg = spec.partition(":")
+  try:
+    module_spec = importlib.util.spec_from_file_location("_launch_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    tree = config.to_dict()
+  except Exception:  # pylint: disable=broad-except  (any failure: fall back to the raw message)
+    return None
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        yield from walk(value, f"{prefix}{key}.")
+      else:
+        yield f"{prefix}{key}"
+
+  return list(walk(tree, ""))
+
+
+def _config_groups(paths: list[str]) -> set[str]:
+  return {p.rsplit(".", i)[0] for p in paths for i in range(1, p.count(".") + 1)}
+
+
+def _exit_usage(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
 
 
 def quiet_library_logs() -> None:
@@ -70,7 +176,7 @@ def run(main, *, multi_process: bool = True) -> None:
   runs, so `jax.devices()` lists every process's devices. Scripts that only run on one process
   pass `multi_process=False` and refuse a multi-process job with a one-line error.
   """
-  from absl import app, logging  # pylint: disable=import-outside-toplevel
+  from absl import app, flags, logging  # pylint: disable=import-outside-toplevel
   from moe_jax import distributed  # pylint: disable=import-outside-toplevel
   from moe_jax.app import config as config_lib  # pylint: disable=import-outside-toplevel
 
@@ -79,20 +185,24 @@ def run(main, *, multi_process: bool = True) -> None:
   def guarded(argv):
     logging.set_verbosity(logging.INFO)
     quiet_library_logs()
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if cache:
+      logging.info("compiled programs are cached in %s (%s=0 turns this off)", cache, CACHE_ENV)
     try:
       _join_job(distributed, config_lib, multi_process)
       return main(argv)
     except (config_lib.UsageError, FileNotFoundError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+      _exit_usage(str(e))
 
   def parse_flags(argv):
     try:
-      return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-      message = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
-      print(f"error: bad flag or config override: {message}", file=sys.stderr)
-      sys.exit(2)
+      return flags.FLAGS(argv)
+    except flags.Error as e:                    # a bad flag value, an unknown flag
+      _exit_usage(" ".join(str(e).split()))
+    except Exception as e:  # pylint: disable=broad-except  (config_flags raises many kinds)
+      if _DEFAULT_CONFIG is None:
+        raise
+      _exit_usage(override_error(e, _DEFAULT_CONFIG))
 
   app.run(guarded, flags_parser=parse_flags)
 

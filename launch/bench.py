@@ -15,6 +15,7 @@ import _setup
 _setup.simulate_cpu_devices()
 
 import os  # noqa: E402
+import time  # noqa: E402
 
 import jax  # noqa: E402
 from absl import logging  # noqa: E402
@@ -29,7 +30,12 @@ def main(argv):
   del argv
   job = config_lib.from_tree(_CONFIG.value)
   mesh = runtime.make_mesh(job.mesh)
+  logging.info("loading %s, its learned predictor and %d held-out batches of %d", job.checkpoint,
+               job.bench.warmup_batches + job.data.num_batches, job.data.batch_size)
+  start = time.perf_counter()
   setup, batches = harness.load_setup(job, mesh)
+  logging.info("loaded in %.1f s; running capacity modes %s", time.perf_counter() - start,
+               ",".join(job.bench.capacity_modes))
   policies = list(job.bench.policies)
   if setup.learned is None and "learned" in policies:
     logging.warning("no learned predictor at %r: skipping policy 'learned' (train one with "
@@ -39,6 +45,7 @@ def main(argv):
   for mode in job.bench.capacity_modes:
     runs[mode] = harness.run_mode(setup, batches[warm:], mode, policies,
                                   repeats=job.bench.repeats, warmup=batches[:warm])
+  logging.info("writing the report")
   meta = harness.describe(job, setup, batches[warm:], mesh)
   report = report_lib.build_report(runs, meta)
   if jax.process_index() != 0:   # multi-process: process 0 writes and prints

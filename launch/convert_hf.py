@@ -6,16 +6,18 @@ r"""Convert a Hugging Face checkpoint once, so moe_jax never unpickles anything 
   python launch/convert_hf.py --src=switch-base-8 --dst=/ckpt/switch8 --format=orbax \
       [--dtype=bfloat16]
       .bin or safetensors -> orbax params + config (restore with orbax_io.restore_params)
+
+A refused, truncated or corrupt input is one `error:` line naming the file (exit 2), and a failed
+conversion removes what it created under --dst.
 """
 
 import _setup  # noqa: F401  (process set-up, before anything imports jax)
-
-import sys  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
 from moe_jax import models  # noqa: E402
+from moe_jax.app import config as config_lib  # noqa: E402
 from moe_jax.checkpoints import convert  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -42,8 +44,8 @@ def main(argv):
                              config_json=config.to_hf_dict(), family=family.NAME,
                              dtype=jnp.dtype(FLAGS.dtype), force=FLAGS.force)
       print(f"wrote orbax params to {out}")
-  except (ImportError, ValueError, FileNotFoundError) as e:
-    sys.exit(f"convert_hf: {e}")
+  except (ImportError, ValueError) as e:   # one line; what the conversion created is removed
+    raise config_lib.UsageError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from absl import flags  # noqa: E402
 
 import moe_jax  # noqa: E402
 from moe_jax import distributed, reference  # noqa: E402
+from moe_jax.app.config import UsageError  # noqa: E402
 from moe_jax.config import CAPACITY_MODES  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -28,13 +29,19 @@ flags.DEFINE_integer("expert", 4, "expert axis size")
 
 def main(argv):
   del argv
-  cfg = moe_jax.MoEConfig(num_experts=FLAGS.num_experts, top_k=FLAGS.top_k, d_model=64,
-                          d_ff=128)
-  execution = moe_jax.ExecutionConfig(capacity_mode=FLAGS.capacity_mode)
-  if jax.process_count() > 1:   # every process runs this; the mesh spans all of them
-    mesh = distributed.make_global_mesh(FLAGS.data, FLAGS.expert)
-  else:
-    mesh = moe_jax.make_mesh(data=FLAGS.data, expert=FLAGS.expert)
+  try:
+    cfg = moe_jax.MoEConfig(num_experts=FLAGS.num_experts, top_k=FLAGS.top_k, d_model=64,
+                            d_ff=128)
+    execution = moe_jax.ExecutionConfig(capacity_mode=FLAGS.capacity_mode)
+    if jax.process_count() > 1:   # every process runs this; the mesh spans all of them
+      mesh = distributed.make_global_mesh(FLAGS.data, FLAGS.expert)
+    else:
+      mesh = moe_jax.make_mesh(data=FLAGS.data, expert=FLAGS.expert)
+    if cfg.num_experts % FLAGS.expert:
+      raise ValueError(f"--num_experts={cfg.num_experts} is not divisible by --expert="
+                       f"{FLAGS.expert}; change one of them.")
+  except ValueError as e:   # a flag value: one line (the library names the argument)
+    raise UsageError(f"{e} (flags --num_experts, --top_k, --data, --expert)") from None
   params = moe_jax.init_moe_params(jax.random.key(0), cfg)   # same seed: same values everywhere
   x = jax.random.normal(jax.random.key(1), (8, 32, cfg.d_model))
   x = x.at[..., :4].add(1.5)  # a shared component makes the router's choices skewed

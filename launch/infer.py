@@ -10,14 +10,19 @@
 Prints the continuation, the replica bytes the model's own MoE calls moved (0: generation runs
 without replication), then, per MoE layer of the pass over the prompt (Switch: the encoder),
 tokens per device and balancedness under config.replication.predictor (with r replica slots).
+Progress (load, compile + generate, balance passes) is logged to stderr. A prompt longer than
+--config.data.max_input_tokens (default 4096 for the shipped model; memory grows with the square
+of the length) or an empty one is refused with one line.
 """
 
 import _setup
 
 _setup.simulate_cpu_devices()
 
+import time  # noqa: E402
+
 import jax  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
 from moe_jax import distributed  # noqa: E402
 from moe_jax.app import config as config_lib, runtime, workflows  # noqa: E402
@@ -33,25 +38,31 @@ def main(argv):
   del argv
   job = config_lib.from_tree(_CONFIG.value)
   f = flags.FLAGS
+  if f.max_new_tokens < 1:
+    raise config_lib.UsageError(f"--max_new_tokens={f.max_new_tokens} must be >= 1.")
   mesh = runtime.make_mesh(job.mesh)
+  family, cfg = runtime.checkpoint_config(job)
+  rows = workflows.prompt_rows(job, cfg, runtime.load_tokenizer(job), texts=f.text, ids=f.ids)
+  logging.info("loading %s onto a data=%d x expert=%d mesh", job.checkpoint, mesh.shape["data"],
+               mesh.shape["expert"])
+  start = time.perf_counter()
   model, tokenizer = runtime.load_model(job, mesh=mesh)
-  family, cfg = job.family, model.config
-  if f.ids:
-    rows = [[int(t) for t in f.ids.split(",")]]
-  elif f.text:
-    if tokenizer is None:
-      raise config_lib.UsageError("this checkpoint has no spiece.model; pass --ids instead of "
-                                  "--text.")
-    rows = [family.prompt_ids(tokenizer, t, cfg) for t in f.text]
-  else:
-    raise config_lib.UsageError("give --text=... or --ids=...")
+  cfg = model.config
+  logging.info("loaded in %.1f s; generating up to %d tokens for %d prompt(s) of up to %d tokens "
+               "(the first call compiles)",
+               time.perf_counter() - start, f.max_new_tokens, len(rows), max(map(len, rows)))
   input_ids, mask = workflows.pad_batch(rows, mesh.shape["data"], cfg.pad_token_id)
+  start = time.perf_counter()
   tokens = distributed.gather(model.generate(input_ids, attention_mask=mask,
                                             max_new_tokens=f.max_new_tokens,
                                             use_cache=f.use_cache))
+  logging.info("generated in %.1f s; measuring the prompt pass's per-layer balance (none and "
+               "%s, each compiled once)", time.perf_counter() - start, job.replication.predictor)
   # Every process runs these passes over the prompt.
+  start = time.perf_counter()
   moved = workflows.replica_bytes_of(job, model, input_ids, mask)
   lines = workflows.balance_lines(job, model, input_ids, mask, mesh)
+  logging.info("balance measured in %.1f s", time.perf_counter() - start)
   if jax.process_index() != 0:
     return
   for i, row in enumerate(tokens[:len(rows)]):

@@ -6,8 +6,8 @@
 * `dispatch` / `combine`: move sorted token-choices to the devices holding their slots (slot-major
   on arrival) and back; ragged, emulated-ragged, or a padded all-to-all fallback for CPU.
 * `prefetch_replicas`: fill each device's replica slots with exactly the expert weights its row of
-  the slot table names. Its only inputs are the slot table and the home weights, so when the table
-  is known a layer early XLA is free to run it concurrently with that layer.
+  the replica columns names. Its only inputs are the columns and the home weights, so when they
+  are known a layer early XLA is free to run it concurrently with that layer.
 """
 
 from __future__ import annotations
@@ -117,24 +117,27 @@ def combine(y_slot_major: jax.Array, plan: permute.ExchangePlan, sorted_slot: ja
   return jnp.take(returned, send_rows, axis=0, mode="fill", fill_value=0)
 
 
-def replica_sources(slot_table: jax.Array, num_home: int) -> tuple[jax.Array, jax.Array]:
+def replica_sources(columns: jax.Array, num_home: int) -> tuple[jax.Array, jax.Array]:
   """For replica slot (dev, c): the home device and home column of the expert it holds.
+
+  Args:
+    columns: <int32>[D, r] the replica columns (expert per replica slot, -1 empty).
+    num_home: h, home slots per device.
 
   Returns:
     (home_device, home_column), each <int32>[D, r]; -1 for empty slots.
   """
-  replicas = slot_table[:, num_home:]
-  filled = replicas >= 0
-  return (jnp.where(filled, replicas // num_home, -1), jnp.where(filled, replicas % num_home, -1))
+  filled = columns >= 0
+  return (jnp.where(filled, columns // num_home, -1), jnp.where(filled, columns % num_home, -1))
 
 
-def prefetch_params(slot_table: jax.Array, num_home: int, index) -> permute.RaggedParams:
+def prefetch_params(columns: jax.Array, num_home: int, index) -> permute.RaggedParams:
   """Ragged all-to-all arguments that send home weights straight into replica slots.
 
   One entry per (peer, replica column c): this device sends its home expert for peer's slot c
   (one row of the home-weight operand, or nothing), written at row c of the peer's replica buffer.
   """
-  home_device, home_column = replica_sources(slot_table, num_home)          # [D, r]
+  home_device, home_column = replica_sources(columns, num_home)             # [D, r]
   num_devices, num_replicas = home_device.shape
   mine = home_device == index                                              # I send these
   from_peer = home_device[index]                                           # [r] my sources
@@ -147,28 +150,30 @@ def prefetch_params(slot_table: jax.Array, num_home: int, index) -> permute.Ragg
                   ).astype(jnp.int32).reshape(-1))
 
 
-def prefetch_replicas(home_weights: dict, slot_table: jax.Array, *, mode: str) -> dict:
-  """Inside shard_map: this device's replica weights for its row of the slot table.
+def prefetch_replicas(home_weights: dict, columns: jax.Array, *, mode: str) -> dict:
+  """Inside shard_map: this device's replica weights for its row of the replica columns.
 
   Args:
     home_weights: {name: <f>[h, ...]} this device's home experts.
-    slot_table: <int32>[D, h + r] the full (replicated) slot table.
+    columns: <int32>[D, r] the (replicated) replica columns.
     mode: "ragged", "emulated_ragged" or "padded".
 
   Returns:
     {name: <f>[r, ...]}; zeros in empty replica slots.
   """
   num_home = next(iter(home_weights.values())).shape[0]
-  num_replicas = slot_table.shape[1] - num_home
+  num_replicas = columns.shape[1]
+  if num_replicas == 0:
+    return {name: jnp.zeros((0,) + w.shape[1:], w.dtype) for name, w in home_weights.items()}
   index = jax.lax.axis_index(EXPERT_AXIS)
   if mode != "padded":
-    params = prefetch_params(slot_table, num_home, index)
+    params = prefetch_params(columns, num_home, index)
     return {name: ragged_exchange(w, jnp.zeros((num_replicas,) + w.shape[1:], w.dtype), params,
                                   mode=mode)
             for name, w in home_weights.items()}
   # Padded fallback: one fixed cell per (peer, replica column); only cells this device is the
   # home of are filled, the rest travel as zeros. Moves D x the needed bytes; CPU only.
-  home_device, home_column = replica_sources(slot_table, num_home)
+  home_device, home_column = replica_sources(columns, num_home)
   mine = (home_device == index)
   from_peer = home_device[index]                                           # [r]
   out = {}

@@ -4,8 +4,8 @@
 equal `MoEConfig`s and params compute the same function. `ExecutionConfig` holds how a run computes
 it (dropless or capacity-limited, which collective and grouped-matmul backend, chunking): it may
 change speed and, in capacity mode, which token-choices overflow, never the routing. How many
-replica slots a layer has is neither: it is the width of the slot table a call receives (see
-`moe_jax.replicas`), and replication's configuration chooses it.
+replica slots a layer has is neither: it is the column count of the `Replicas` a call receives
+(see `moe_jax.replicas`), and replication's configuration chooses it.
 
 Both are frozen dataclasses validated once, at construction, so bad values fail here with a message
 that names the fix instead of failing later inside XLA with a shape error. Mesh-dependent checks

@@ -22,22 +22,18 @@ from moe_jax.config import ExecutionConfig, MoEConfig
 
 
 def layer_body(x, expert_ids, combine_weights, dispatch_mask, home, replicas, slot_table, *,
-               cfg: MoEConfig, execution: ExecutionConfig, mode: str, prefetch_inside: bool,
-               ordered: bool = False):
-  """x <f>[T, d]; expert_ids, combine_weights, dispatch_mask [T, k]; home/replicas {name: [.., ]}.
+               cfg: MoEConfig, execution: ExecutionConfig, mode: str, ordered: bool = False):
+  """x <f>[T, d]; expert_ids, combine_weights, dispatch_mask [T, k]; home {name: <f>[h, ...]};
+  replicas {name: <f>[r, ...]} ({} when r = 0); slot_table <int32>[De, h + r] (replicated).
 
   `mode` is the exchange collective actually used ("ragged", "padded" or "emulated_ragged").
 
-  `ordered` (XLA:CPU) runs this device's collectives one after another: prefetch, then each
-  chunk's exchange, then the drop count (see `collectives.in_order`).
+  `ordered` (XLA:CPU) runs this device's collectives one after another: each chunk's exchange,
+  then the drop count (see `collectives.in_order`).
 
   Returns:
     (y <f>[T, d], computed choices per local slot <int32>[1, 1, S], dropped choices <int32>[]).
   """
-  if prefetch_inside:
-    replicas = collectives.prefetch_replicas(home, slot_table, mode=mode)
-    replicas, (x, expert_ids, dispatch_mask) = collectives.in_order(
-        replicas, (x, expert_ids, dispatch_mask), enabled=ordered)
   weights = [home, replicas] if replicas else [home]     # slot order: h home, then r replicas
   num_devices, slots_per_device = slot_table.shape
   source_index = jax.lax.axis_index("data") * num_devices + jax.lax.axis_index("expert")

@@ -4,11 +4,17 @@ grouped matmul -> exchange back, with optional replica slots (their API: `moe_ja
 Layout on a ('data', 'expert') mesh of Dd x De devices:
   tokens     [B, L, d] -> [Dd * T_shard, d], sharded over ('data', 'expert') jointly, so every
              device is a source of T_shard tokens (padding rows are added and masked if needed);
-  experts    [E, ...] sharded over 'expert' (h = E / De home slots per device), replicated on 'data';
-  replicas   [De * r, ...] sharded over 'expert' (r replica slots per device);
-  slot table <int32>[De, h + r] replicated; r is its width minus h (no table: r = 0, and no
-             replica exchange at all).
+  experts    [E, ...] sharded over 'expert' (h = E / De home slots each), replicated on 'data';
+  replicas   a `Replicas` (`moe_jax.prefetch`): columns <int32>[De, r] replicated, weights
+             [De * r, ...] sharded over 'expert' (r replica slots per device); none: r = 0, and
+             no replica exchange at all. The slot table <int32>[De, h + r] is built inside from
+             the fixed home columns and the replica columns.
 Each data row of the mesh runs its own expert-parallel exchange over the 'expert' axis.
+
+Never a silent wrong answer: a token whose router input or logits are not finite is routed to no
+expert (it takes no capacity from clean tokens), its output row is NaN and it is counted in
+`MoEStats.non_finite_tokens`; replica columns that are invalid (checked on the host when
+concrete, else on device) make every output row NaN.
 
 Example:
   cfg = moe_jax.MoEConfig(num_experts=16, d_model=64, d_ff=128)
@@ -48,6 +54,8 @@ class MoEStats:
     tokens_per_device: <int32>[Dd, De] token-choices computed on each device (after replication).
     dropped_choices: <int32>[] choices lost to capacity (0 in dropless mode).
     total_choices: <int32>[] choices the router dispatched.
+    non_finite_tokens: <int32>[] unmasked tokens whose router input row or router logits were not
+      finite: routed nowhere, output NaN.
     balancedness: <f32>[] mean / max of tokens_per_device.
     replica_bytes: <f32>[] expert-weight bytes copied into replica slots on the whole mesh.
     routing: the `Routing` (in the caller's token order, [B * L, ...]).
@@ -58,6 +66,7 @@ class MoEStats:
   tokens_per_device: jax.Array
   dropped_choices: jax.Array
   total_choices: jax.Array
+  non_finite_tokens: jax.Array
   balancedness: jax.Array
   replica_bytes: jax.Array
   routing: routing_lib.Routing
@@ -79,8 +88,8 @@ def init_moe_params(key: jax.Array, cfg: MoEConfig) -> dict:
 
 
 def moe_apply(params: dict, x: jax.Array, cfg: MoEConfig, *,
-              execution: ExecutionConfig | None = None, mesh=None, slot_table=None,
-              replica_weights: dict | None = None, token_mask: jax.Array | None = None,
+              execution: ExecutionConfig | None = None, mesh=None,
+              replicas: replicas_lib.Replicas | None = None, token_mask: jax.Array | None = None,
               routing: routing_lib.Routing | None = None):
   """Applies the MoE layer.
 
@@ -90,77 +99,83 @@ def moe_apply(params: dict, x: jax.Array, cfg: MoEConfig, *,
     cfg: the layer's `MoEConfig`.
     execution: how to run it (`ExecutionConfig`; default: dropless, backends chosen per platform).
     mesh: a ('data', 'expert') mesh; default: a 1 x 1 mesh on the first device.
-    slot_table: optional <int32>[De, h + r] (`moe_jax.place`); default: home slots only (r = 0).
-    replica_weights: optional output of `prefetch` for `slot_table`; fetched inside if omitted.
+    replicas: optional `Replicas` (`moe_jax.prefetch` / `refresh`): r replica slots per device
+      with their weights; default: home slots only (r = 0).
     token_mask: optional <bool>[B, L]; False marks padding tokens (not routed, output 0).
     routing: optional precomputed `Routing` over the B * L tokens (e.g. with a router-stage
       capacity rule applied); default: `top_k_route` with `params["router"]`.
 
   Returns:
-    (y <f>[B, L, d], `MoEStats`).
+    (y <f>[B, L, d], `MoEStats`). Rows of non-finite tokens are NaN; so is every row if
+    `replicas` holds invalid columns that could not be checked on the host (inside jit).
   """
   execution = execution if execution is not None else ExecutionConfig()
   if mesh is None:
     mesh = mesh_lib.make_mesh(1, 1)
   num_data, num_devices = mesh_lib.axis_sizes(mesh)
   _check_inputs(params, x, cfg, num_data, mesh, token_mask)
-  if slot_table is None:
-    slot_table = placement.home_slot_table(cfg.num_experts, num_devices)
-  placement.validate_slot_table(slot_table, cfg.num_experts, num_devices)
-  slot_table = jnp.asarray(slot_table, jnp.int32)
-  if replica_weights is not None:
-    replicas_lib.check_replica_weights(replica_weights, params, slot_table)
-  return _moe_apply_jit(params, x, slot_table, replica_weights, token_mask, routing, cfg=cfg,
-                        execution=execution, mesh=mesh)
+  if replicas is not None:
+    replicas_lib.check_replicas(replicas, params, cfg, num_devices)
+  return _moe_apply_jit(params, x, replicas, token_mask, routing, cfg=cfg, execution=execution,
+                        mesh=mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "execution", "mesh"))
-def _moe_apply_jit(params, x, slot_table, replica_weights, token_mask, routing, *, cfg,
-                   execution, mesh):
+def _moe_apply_jit(params, x, replicas, token_mask, routing, *, cfg, execution, mesh):
   num_data, num_devices = mesh_lib.axis_sizes(mesh)
   batch, length, d = x.shape
-  h = cfg.num_experts // num_devices
-  num_replica_slots = slot_table.shape[1] - h
   tokens = x.reshape(batch * length, d).astype(cfg.jnp_dtype)
   valid = (jnp.ones((batch * length,), bool) if token_mask is None
            else jnp.asarray(token_mask, bool).reshape(-1))
   if routing is None:
     routing = routing_lib.top_k_route(tokens, params["router"], top_k=cfg.top_k,
                                       renormalize=cfg.renormalize, token_mask=valid)
+  # A given routing may dispatch a non-finite token; it is routed nowhere all the same.
+  non_finite = valid & ~routing_lib.finite_tokens(tokens, routing.logits)      # [B * L]
+  dispatch_mask = routing.dispatch_mask & (valid & ~non_finite)[:, None]       # [B * L, k]
+  combine_weights = jnp.where(dispatch_mask, routing.combine_weights, 0.0)     # no 0 * NaN
+  columns = jnp.zeros((num_devices, 0), jnp.int32) if replicas is None else replicas.columns
+  replica_weights = replicas.weights if columns.shape[1] else {}       # r = 0: no replica segment
+  slot_table = placement.with_home(columns, cfg.num_experts)                   # [De, h + r]
   shard = functools.partial(_to_shards, num_data=num_data, num_devices=num_devices)
-  dispatch_mask = routing.dispatch_mask & valid[:, None]
-  inputs = (shard(tokens), shard(routing.expert_ids), shard(routing.combine_weights),
+  inputs = (shard(tokens), shard(routing.expert_ids), shard(combine_weights),
             shard(dispatch_mask))
-  # XLA:CPU: the routing's reductions (losses), then the layer's collectives, then the stats'
-  # reductions, then whatever consumes y (see collectives.in_order).
+  # XLA:CPU: the routing's reductions (losses) and the replica prefetch, then the layer's
+  # collectives, then the stats' reductions, then whatever consumes y (see collectives.in_order).
   ordered = mesh_lib.is_cpu(mesh)
-  routing, inputs = collectives.in_order(routing, inputs, enabled=ordered)
-
+  (routing, replica_weights), inputs = collectives.in_order((routing, replica_weights), inputs,
+                                                            enabled=ordered)
   body = functools.partial(layer_body.layer_body, cfg=cfg, execution=execution,
-                           mode=replicas_lib.exchange_mode(execution),
-                           prefetch_inside=replica_weights is None and num_replica_slots > 0,
-                           ordered=ordered)
+                           mode=replicas_lib.exchange_mode(execution), ordered=ordered)
   home = replicas_lib.expert_weights(params)
   specs = {k: P("expert") for k in home}
-  replicas = replica_weights if replica_weights is not None else {}
   y, tokens_per_slot, dropped = jax.shard_map(
       body, mesh=mesh,
-      in_specs=(TOKENS,) * 4 + (specs, {k: P("expert") for k in replicas}, P()),
-      out_specs=(TOKENS, P("data", "expert"), P()))(*inputs, home, replicas, slot_table)
+      in_specs=(TOKENS,) * 4 + (specs, {k: P("expert") for k in replica_weights}, P()),
+      out_specs=(TOKENS, P("data", "expert"), P()))(*inputs, home, replica_weights, slot_table)
 
-  y = _from_shards(y, batch * length, num_data).reshape(batch, length, d)
+  y = _from_shards(y, batch * length, num_data)
+  # Loud, never silently wrong: NaN rows for non-finite tokens, all rows for invalid columns.
+  poisoned = non_finite | ~placement.columns_valid(columns, cfg.num_experts)
+  y = jnp.where(poisoned[:, None], jnp.nan, y).astype(y.dtype).reshape(batch, length, d)
   _, (expert_ids, counted) = collectives.in_order(y, (routing.expert_ids, dispatch_mask),
                                                   enabled=ordered)
+  stats = _stats(routing, expert_ids, counted, non_finite, tokens_per_slot, dropped,
+                 replicas_lib.replica_bytes(columns, params) * num_data, cfg=cfg)
+  stats, y = collectives.in_order(stats, y, enabled=ordered)
+  return y, stats
+
+
+def _stats(routing, expert_ids, counted, non_finite, tokens_per_slot, dropped, replica_bytes, *,
+           cfg) -> MoEStats:
   tokens_per_device = jnp.sum(tokens_per_slot, axis=-1)
-  stats = MoEStats(
+  return MoEStats(
       tokens_per_expert=routing_lib.expert_counts(expert_ids, counted, cfg.num_experts),
       tokens_per_slot=tokens_per_slot, tokens_per_device=tokens_per_device,
       dropped_choices=dropped, total_choices=jnp.sum(counted.astype(jnp.int32)),
-      balancedness=placement.balancedness(tokens_per_device),
-      replica_bytes=replicas_lib.replica_bytes(slot_table, params, h) * num_data,
+      non_finite_tokens=jnp.sum(non_finite.astype(jnp.int32)),
+      balancedness=placement.balancedness(tokens_per_device), replica_bytes=replica_bytes,
       routing=routing)
-  stats, y = collectives.in_order(stats, y, enabled=ordered)
-  return y, stats
 
 
 def _to_shards(a, *, num_data, num_devices):

@@ -3,7 +3,9 @@
 Each of the D devices on the `expert` mesh axis has `h = E / D` home slots and `r` replica slots.
 A slot table `<int32>[D, h + r]` names the expert whose weights each slot holds (-1 = empty).
 Home columns are fixed (device `dev`, column `c < h` holds expert `dev * h + c`); placement only
-rewrites the replica columns. Slot `(dev, c)` has the global slot id `dev * (h + r) + c`.
+rewrites the replica columns `<int32>[D, r]` (the table's last r columns), and the replica API
+(`moe_jax.replicas`) takes only those: `with_home` rebuilds the table. Slot `(dev, c)` has the
+global slot id `dev * (h + r) + c`.
 
 `place` is jit-able with fixed shapes: a load estimate goes in, a slot table comes out.
 """
@@ -23,6 +25,68 @@ def home_slot_table(num_experts: int, num_devices: int, num_replica_slots: int =
   return jnp.concatenate([home, empty], axis=1)
 
 
+def with_home(columns: jax.Array, num_experts: int) -> jax.Array:
+  """<int32>[D, h + r] the slot table whose replica columns are `columns` <int32>[D, r]."""
+  num_devices = columns.shape[0]
+  home = home_slot_table(num_experts, num_devices)
+  return jnp.concatenate([home, jnp.asarray(columns, jnp.int32)], axis=1)
+
+
+def columns_valid(columns: jax.Array, num_experts: int) -> jax.Array:
+  """<bool>[] whether replica columns <int32>[D, r] are valid, computed on device (jit-able).
+
+  Valid: every entry is -1 or an expert id in [0, E), and no device holds an expert twice
+  (counting its home slots). `validate_replica_columns` says what is wrong on the host.
+  """
+  table = with_home(columns, num_experts)                                  # [D, S]
+  in_range = jnp.all((table >= -1) & (table < num_experts))
+  same = (table[:, :, None] == table[:, None, :]) & (table[:, :, None] >= 0)   # [D, S, S]
+  same = same & ~jnp.eye(table.shape[1], dtype=bool)[None]
+  return in_range & ~jnp.any(same)
+
+
+def validate_replica_columns(columns, num_experts: int, num_devices: int,
+                             num_replica_slots: int | None = None) -> None:
+  """Raises ValueError naming the problem if `columns` are not valid replica columns <int32>[D, r].
+
+  The shape is always checked; the values only when `columns` is concrete (inside jit, the layer
+  turns invalid columns into NaN outputs instead: see `columns_valid`).
+  """
+  shape = tuple(np.shape(columns))
+  h = num_experts // num_devices
+  if len(shape) != 2 or shape[0] != num_devices or (
+      num_replica_slots is not None and shape[1] != num_replica_slots):
+    r = "r" if num_replica_slots is None else str(num_replica_slots)
+    raise ValueError(
+        f"replica columns have shape {shape}, expected ({num_devices}, {r}) = (expert-axis "
+        "devices, replica slots per device); moe_jax.place returns them, and "
+        "moe_jax.replica_columns(slot_table, cfg, mesh=mesh) takes them from a full slot table.")
+  if isinstance(columns, jax.core.Tracer):
+    return
+  cols = np.asarray(columns)
+  if not np.issubdtype(cols.dtype, np.integer):
+    raise ValueError(f"replica columns must hold integers, got dtype {cols.dtype}.")
+  bad = (cols < -1) | (cols >= num_experts)
+  if bad.any():
+    dev, col = np.argwhere(bad)[0]
+    raise ValueError(f"replica column [{dev}, {col}] = {cols[dev, col]} is out of range: entries "
+                     f"must be -1 (empty) or an expert id in [0, {num_experts}).")
+  home = np.arange(num_experts).reshape(num_devices, h)
+  for dev in range(num_devices):
+    seen = set(home[dev].tolist())
+    for col, expert in enumerate(cols[dev].tolist()):
+      if expert >= 0 and expert in seen:
+        where = "in a home slot" if expert in home[dev] else "in another replica slot"
+        hint = ""
+        if shape[1] >= h and np.array_equal(cols[:, :h], home):
+          hint = (" (this looks like a full slot table: pass its replica columns, "
+                  "moe_jax.replica_columns(slot_table, cfg, mesh=mesh))")
+        raise ValueError(f"replica column [{dev}, {col}] holds expert {expert}, which device {dev} "
+                         f"already holds {where}; an expert may appear at most once per "
+                         f"device{hint}.")
+      seen.add(expert)
+
+
 def num_replica_slots(slot_table, num_experts: int) -> int:
   """r of a slot table <int32>[D, h + r] (static: read from its shape)."""
   num_devices, width = np.shape(slot_table)
@@ -34,7 +98,8 @@ def validate_slot_table(slot_table, num_experts: int, num_devices: int,
   """Raises ValueError naming the problem if `slot_table` is not a valid table.
 
   `num_replica_slots` None accepts any r >= 0 (the table's width decides). The shape is always
-  checked; the values only when the table is concrete (traced ones, inside jit, are trusted).
+  checked; the values only when the table is concrete (the replica API takes a full table only
+  concrete: `replicas.replica_columns`).
   """
   shape = tuple(np.shape(slot_table))
   h = num_experts // num_devices

@@ -76,7 +76,9 @@ def _no_top1(inputs: LayerInputs) -> jax.Array:
 
 
 def _from_logits(logits: jax.Array, top_k: int) -> Estimate:
-  return choice_counts(logits, top_k), jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  finite = jnp.all(jnp.isfinite(logits), axis=-1)
+  top1 = jnp.where(finite, jnp.argmax(logits, axis=-1), -1).astype(jnp.int32)
+  return choice_counts(logits, top_k), top1
 
 
 PREDICTORS = {p.name: p for p in (
@@ -98,11 +100,15 @@ def check_kind(kind: str) -> str:
 
 
 def choice_counts(logits: jax.Array, top_k: int, token_mask: jax.Array | None = None) -> jax.Array:
-  """<f32>[E] how many of the tokens' top-k choices under `logits` <f32>[T, E] fall on each expert."""
+  """<f32>[E] how many of the tokens' top-k choices under `logits` <f32>[T, E] fall on each expert.
+
+  Tokens with a non-finite row of logits count nowhere: the router sends them to no expert.
+  """
   _, ids = routing.select_top_k(logits, top_k)                              # [T, k]
-  weight = jnp.ones(ids.shape, jnp.float32)
+  keep = jnp.all(jnp.isfinite(logits), axis=-1)
   if token_mask is not None:
-    weight = weight * token_mask.reshape(-1, 1).astype(jnp.float32)
+    keep = keep & token_mask.reshape(-1).astype(bool)
+  weight = jnp.broadcast_to(keep[:, None], ids.shape).astype(jnp.float32)
   return jnp.zeros((logits.shape[-1],), jnp.float32).at[ids.reshape(-1)].add(weight.reshape(-1))
 
 

@@ -1,4 +1,4 @@
-"""The stack runner: threads each next MoE layer's (slot_table, replica_weights) through a forward.
+"""The stack runner: threads each next MoE layer's `Replicas` through a forward.
 
 A model hands every sparse FFN call to one hook, `moe_fn(stack, index, ff_params, x, routing)`.
 `StackRunner.moe_fn` implements it: when MoE layer l of a stack runs, it first issues the
@@ -88,14 +88,19 @@ class ReplicationState:
 
   Attributes:
     history: stack -> <f32>[num MoE layers, E] load EMA.
-    tables: resident replicas only: stack -> <int32>[num MoE layers, De, h + r] the tables the
-      held replicas fill (None until the first batch, or `with_resident_replicas`).
-    replicas: resident replicas only: stack -> per MoE layer {name: <f>[De * r, ...]}.
+    replicas: resident replicas only: stack -> per MoE layer the held `replicas.Replicas` (None
+      until the first batch, or `with_resident_replicas`).
   """
 
   history: dict
-  tables: dict | None = None
   replicas: dict | None = None
+
+  @property
+  def tables(self) -> dict | None:
+    """Resident replicas only: stack -> <int32>[num MoE layers, De, h + r] the held slot tables."""
+    if self.replicas is None:
+      return None
+    return {stack: jnp.stack([r.slot_table for r in held]) for stack, held in self.replicas.items()}
 
 
 def init_state(layer_counts: dict, num_experts: int) -> ReplicationState:
@@ -110,9 +115,8 @@ def with_resident_replicas(state: ReplicationState, layers: dict, moe_cfg: MoECo
   Optional for `ReplicationConfig(resident=True)`: without it the first batch starts from empty
   slots all the same, but the state's structure changes after it (one more compilation).
   """
-  table = _home_table(moe_cfg, num_replica_slots, mesh)
+  del moe_cfg  # the layers' params say E
   return state.replace(
-      tables={s: jnp.broadcast_to(table, (len(p),) + table.shape) for s, p in layers.items()},
       replicas={s: [replicas_lib.empty_replicas(q, num_replica_slots, mesh=mesh) for q in p]
                 for s, p in layers.items()})
 
@@ -124,10 +128,10 @@ class LayerRecord:
   Attributes:
     predicted_load: <f32>[E] the estimate its placement used (zeros when none).
     predicted_top1: <int32>[T] per-token predicted expert (-1 when the predictor has none).
-    slot_table: <int32>[De, h + r] the table it ran with.
+    slot_table: <int32>[De, h + r] the table it ran with (home columns, then its replicas').
     fetched_bytes: <f32>[] expert-weight bytes moved into its replica slots (every filled slot;
       with resident replicas only the changed ones).
-    stats: its `MoEStats` (true loads, per-device tokens, balancedness).
+    stats: its `MoEStats` (true loads, per-device tokens, balancedness, non-finite tokens).
   """
 
   predicted_load: jax.Array
@@ -136,13 +140,17 @@ class LayerRecord:
   fetched_bytes: jax.Array
   stats: moe_layer.MoEStats
 
+  @property
+  def non_finite_tokens(self) -> jax.Array:
+    """<int32>[] tokens this layer routed nowhere because their input or logits were not finite."""
+    return self.stats.non_finite_tokens
+
 
 @struct.dataclass
 class _Placement:
   load: jax.Array
   top1: jax.Array
-  table: jax.Array | None
-  weights: dict | None
+  replicas: replicas_lib.Replicas | None
   fetched: jax.Array
 
 
@@ -179,11 +187,11 @@ class StackRunner:
     self.execution = execution if execution is not None else ExecutionConfig()
     self.layers, self.state = layers, state
     self.learned, self.oracle_loads, self.policy = learned, oracle_loads, policy
-    if config.resident and state.tables is None and self.replicating:
+    if config.resident and state.replicas is None and self.replicating:
       self.state = with_resident_replicas(state, layers, moe_cfg, config.num_replica_slots, mesh)
     self._pending: dict = {}
     self._records: dict = {stack: [] for stack in layers}
-    self._held: dict = {stack: [] for stack in layers}     # (table, weights) or None per layer
+    self._held: dict = {stack: [] for stack in layers}     # Replicas or None per layer
 
   @property
   def replicating(self) -> bool:
@@ -201,20 +209,19 @@ class StackRunner:
     if mesh_lib.is_cpu(self.mesh):  # the layer's collectives after the placements'
       current, x = self._after_placements(stack, index, current, x)
     y, stats = moe_layer.moe_apply(ff_params, x, self.moe_cfg, execution=self.execution,
-                                   mesh=self.mesh, routing=routing, slot_table=current.table,
-                                   replica_weights=current.weights)
-    table = current.table if current.table is not None else _home_table(self.moe_cfg, 0,
-                                                                        self.mesh)
+                                   mesh=self.mesh, routing=routing, replicas=current.replicas)
+    table = (current.replicas.slot_table if current.replicas is not None
+             else _home_table(self.moe_cfg, 0, self.mesh))
     self._records[stack].append(LayerRecord(predicted_load=current.load,
                                             predicted_top1=current.top1, slot_table=table,
                                             fetched_bytes=current.fetched, stats=stats))
-    self._held[stack].append(None if current.table is None else (current.table, current.weights))
+    self._held[stack].append(current.replicas)
     return y, stats
 
   def _after_placements(self, stack, index, current, x):
     """x made to wait for this layer's and the next layer's placement + prefetch."""
     pending = self._pending.get((stack, index + 1))
-    fields = lambda p: None if p is None else (p.load, p.top1, p.table, p.weights, p.fetched)
+    fields = lambda p: None if p is None else (p.load, p.top1, p.replicas, p.fetched)
     (now, nxt), x = collectives.in_order((fields(current), fields(pending)), x, enabled=True)
     if pending is not None:
       self._pending[(stack, index + 1)] = _Placement(*nxt)
@@ -237,14 +244,12 @@ class StackRunner:
       history[stack] = history[stack].at[:len(records)].set(new)
     if not (self.config.resident and self.replicating):
       return self.state.replace(history=history)
-    tables = dict(self.state.tables)
     replicas = {stack: list(held) for stack, held in self.state.replicas.items()}
     for stack, held in self._held.items():
       for index, entry in enumerate(held):
         if entry is not None:
-          tables[stack] = tables[stack].at[index].set(entry[0])
-          replicas[stack][index] = entry[1]
-    return self.state.replace(history=history, tables=tables, replicas=replicas)
+          replicas[stack][index] = entry
+    return self.state.replace(history=history, replicas=replicas)
 
   # --- placement -------------------------------------------------------------------------------
 
@@ -283,18 +288,16 @@ class StackRunner:
     params, cfg, mesh = self.layers[stack][index], self.moe_cfg, self.mesh
     r = self.config.num_replica_slots
     if not self.config.resident:
-      table = replicas_lib.place(load, cfg, num_replica_slots=r, mesh=mesh)
-      weights = replicas_lib.prefetch(params, table, cfg, mesh=mesh, execution=self.execution)
-      num_data, num_devices = mesh_lib.axis_sizes(mesh)
-      fetched = replicas_lib.replica_bytes(table, params, cfg.num_experts // num_devices) * num_data
+      columns = replicas_lib.place(load, cfg, num_replica_slots=r, mesh=mesh)
+      replicas = replicas_lib.prefetch(params, columns, cfg, mesh=mesh, execution=self.execution)
+      fetched = replicas_lib.replica_bytes(columns, params) * mesh_lib.axis_sizes(mesh)[0]
     else:
-      held_table = self.state.tables[stack][index]
-      table = replicas_lib.place(load, cfg, num_replica_slots=r, mesh=mesh,
-                                 previous_table=held_table, stickiness=self.config.stickiness)
-      weights, fetched = replicas_lib.refresh(params, table, held_table,
-                                              self.state.replicas[stack][index], cfg, mesh=mesh,
-                                              execution=self.execution)
-    return _Placement(load=load, top1=top1, table=table, weights=weights, fetched=fetched)
+      held = self.state.replicas[stack][index]
+      columns = replicas_lib.place(load, cfg, num_replica_slots=r, mesh=mesh, previous=held,
+                                   stickiness=self.config.stickiness)
+      replicas, fetched = replicas_lib.refresh(params, columns, held, cfg, mesh=mesh,
+                                               execution=self.execution)
+    return _Placement(load=load, top1=top1, replicas=replicas, fetched=fetched)
 
 
 def _select(index, candidates):
@@ -309,8 +312,8 @@ def _select(index, candidates):
 
 
 def _no_placement(cfg: MoEConfig, x):
-  return _Placement(load=jnp.zeros((cfg.num_experts,)), top1=_no_top1(x), table=None,
-                    weights=None, fetched=jnp.zeros((), jnp.float32))
+  return _Placement(load=jnp.zeros((cfg.num_experts,)), top1=_no_top1(x), replicas=None,
+                    fetched=jnp.zeros((), jnp.float32))
 
 
 def _no_top1(x):

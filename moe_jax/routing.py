@@ -6,6 +6,11 @@ The router is the only thing that decides which expert processes a token. Everyt
 
 A router-stage rule (e.g. Hugging Face Switch's per-sequence `expert_capacity`) is expressed by
 clearing entries of `Routing.dispatch_mask`; a cleared choice contributes 0 to the output.
+
+A token whose router input row or router logits are not finite (NaN or inf) is routed to no
+expert: top-k over NaN logits would pick an arbitrary one (argmax returns 0) and take a place in
+its capacity from a clean token. Its dispatch mask is all False and it is left out of the losses
+and loads; the layer makes its output NaN (`moe_layer.moe_apply`).
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ class Routing:
   Attributes:
     expert_ids: <int32>[T, k] chosen experts, best first (ties: lowest index).
     combine_weights: <f32>[T, k] weight of each choice in the output sum.
-    dispatch_mask: <bool>[T, k] False for choices that must not be computed (padding tokens, or a
-      router-stage capacity rule). Such choices contribute 0.
+    dispatch_mask: <bool>[T, k] False for choices that must not be computed (padding tokens,
+      non-finite tokens, or a router-stage capacity rule). Such choices contribute 0.
     logits: <f32>[T, E] raw router logits.
     probs: <f32>[T, E] softmax of the logits.
-    z_loss: <f32>[] mean over valid tokens of logsumexp(logits)^2.
+    z_loss: <f32>[] mean over valid tokens of logsumexp(logits)^2 (valid: unmasked and finite).
     aux_loss: <f32>[] load-balancing loss E * sum_e f_e * P_e (f_e: fraction of valid token-choices
-      routed to e; P_e: mean router probability of e), equal to Switch's for k = 1.
+      routed to e; P_e: mean router probability of e over valid tokens), equal to Switch's for
+      k = 1.
     tokens_per_expert: <int32>[E] dispatched token-choices per expert.
   """
 
@@ -58,6 +64,11 @@ def expert_counts(expert_ids: jax.Array, mask: jax.Array, num_experts: int) -> j
       mask.reshape(-1).astype(jnp.int32))
 
 
+def finite_tokens(x: jax.Array, logits: jax.Array) -> jax.Array:
+  """<bool>[T]: token t's router input row x[t] <f>[T, d] and logits[t] <f32>[T, E] are finite."""
+  return jnp.all(jnp.isfinite(x), axis=-1) & jnp.all(jnp.isfinite(logits), axis=-1)
+
+
 def select_top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """(values, indices) <[..., k]> of the k largest entries along the last axis, largest first,
   ties to the lowest index: `lax.top_k`'s result.
@@ -81,7 +92,8 @@ def top_k_route(x: jax.Array, router_kernel: jax.Array, *, top_k: int, renormali
     top_k: experts per token.
     renormalize: make the k chosen weights sum to 1 per token.
     token_mask: optional <bool>[T]; False marks padding tokens, which are not dispatched and do not
-      count in the losses or loads.
+      count in the losses or loads. Tokens whose row of x or of the logits is not finite are
+      treated the same way.
 
   Returns:
     A `Routing`.
@@ -96,13 +108,14 @@ def top_k_route(x: jax.Array, router_kernel: jax.Array, *, top_k: int, renormali
   weights, expert_ids = select_top_k(probs, top_k)                            # [T, k]
   if renormalize:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-  dispatch_mask = jnp.broadcast_to(token_mask[:, None], (num_tokens, top_k))
-  valid = token_mask.astype(jnp.float32)
-  num_valid = jnp.maximum(jnp.sum(valid), 1.0)
-  z_loss = jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * valid) / num_valid
+  valid = token_mask & finite_tokens(x, logits)                              # [T]
+  dispatch_mask = jnp.broadcast_to(valid[:, None], (num_tokens, top_k))
+  num_valid = jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
+  # Selects, not products: 0 * NaN would make a loss NaN.
+  z_loss = jnp.sum(jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) ** 2, 0.0)) / num_valid
   counts = expert_counts(expert_ids, dispatch_mask, num_experts)
   fraction_routed = counts.astype(jnp.float32) / (num_valid * top_k)
-  mean_prob = jnp.sum(probs * valid[:, None], axis=0) / num_valid
+  mean_prob = jnp.sum(jnp.where(valid[:, None], probs, 0.0), axis=0) / num_valid
   aux_loss = num_experts * jnp.sum(fraction_routed * mean_prob)
   return Routing(expert_ids=expert_ids.astype(jnp.int32), combine_weights=weights,
                  dispatch_mask=dispatch_mask, logits=logits, probs=probs, z_loss=z_loss,

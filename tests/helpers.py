@@ -51,6 +51,11 @@ def zipf_routing(num_tokens: int, num_experts: int, top_k: int, s: float = 1.2, 
       tokens_per_expert=jnp.asarray(np.bincount(ids.ravel(), minlength=num_experts), jnp.int32))
 
 
+def random_columns(rng, num_experts: int, num_devices: int, r: int, fill: float = 0.8):
+  """Random valid replica columns <int32>[D, r] (each slot filled with probability `fill`)."""
+  return random_slot_table(rng, num_experts, num_devices, r, fill)[:, num_experts // num_devices:]
+
+
 def random_slot_table(rng, num_experts: int, num_devices: int, r: int, fill: float = 0.8):
   """A random valid slot table (each replica slot filled with probability `fill`)."""
   h = num_experts // num_devices

@@ -14,6 +14,7 @@ import safetensors.numpy
 
 import moe_jax
 from moe_jax import models
+from moe_jax.checkpoints import convert
 from moe_jax.checkpoints import hf_io
 from moe_jax.checkpoints import layout
 from moe_jax.checkpoints import safetensors_io
@@ -234,3 +235,60 @@ def test_torch_missing_message(monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail
   with pytest.raises(ImportError, match="pip install torch"):
     torch_bin.require_torch()
+
+
+# --- unreadable files: one line naming the file ---
+
+@pytest.mark.parametrize("cut", ["half", "header", "empty"])
+def test_truncated_safetensors_names_the_file(tied, tmp_path, cut):
+  config, params = tied
+  shard = save_hf(params, config, str(tmp_path), max_shard_bytes=3000)[1]
+  data = open(shard, "rb").read()
+  with open(shard, "wb") as f:
+    f.write({"half": data[:len(data) // 2], "header": data[:20], "empty": b""}[cut])
+  with pytest.raises(layout.CheckpointError) as error:
+    models.from_pretrained(str(tmp_path))
+  message = str(error.value)
+  assert "\n" not in message and shard in message
+  assert "is not a readable safetensors file" in message and "truncated or corrupt" in message
+
+
+def test_corrupt_config_json_names_the_file(tied, tmp_path):
+  config, params = tied
+  save_hf(params, config, str(tmp_path))
+  (tmp_path / "config.json").write_text('{"d_model": 8,')
+  with pytest.raises(layout.CheckpointError, match=r"config\.json is not valid JSON"):
+    models.from_pretrained(str(tmp_path))
+
+
+def test_missing_config_key_is_named_with_the_default_assumed(tied, tmp_path):
+  config, params = tied
+  save_hf(params, config, str(tmp_path))
+  fields = json.loads((tmp_path / "config.json").read_text())
+  del fields["d_model"]
+  (tmp_path / "config.json").write_text(json.dumps(fields))
+  assert switch.Config.from_hf_dir(str(tmp_path)).assumed_defaults == (("d_model", 768),)
+  with pytest.raises(layout.CheckpointError) as error:
+    models.from_pretrained(str(tmp_path))
+  headline = str(error.value).splitlines()[0]
+  assert "config.json has no d_model; assumed HF's default d_model=768." in headline
+  # A complete config.json assumes nothing, and the record does not change equality.
+  assert switch.Config.from_hf_dict(config.to_hf_dict()).assumed_defaults == ()
+  assert config.replace(assumed_defaults=(("d_model", 768),)) == config
+
+
+def test_failed_conversion_removes_what_it_created(tmp_path):
+  dst = tmp_path / "new"
+  with pytest.raises(RuntimeError):
+    with convert.removed_on_failure(str(dst)):
+      (dst / "sub").mkdir(parents=True)
+      (dst / "model.safetensors.tmp").write_bytes(b"partial")
+      raise RuntimeError("disk full")
+  assert not dst.exists()
+  (tmp_path / "old").mkdir()
+  (tmp_path / "old" / "keep.txt").write_text("theirs")
+  with pytest.raises(KeyboardInterrupt):
+    with convert.removed_on_failure(str(tmp_path / "old")):
+      (tmp_path / "old" / "model.safetensors").write_bytes(b"partial")
+      raise KeyboardInterrupt
+  assert os.listdir(tmp_path / "old") == ["keep.txt"]

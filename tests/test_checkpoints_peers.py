@@ -124,3 +124,57 @@ def test_convert_bin_to_orbax(tmp_path):
   # Re-mapping the file before every tensor reads the same values.
   source = torch_bin.BinSource.open(str(tmp_path), reopen_bytes=1)
   assert_trees_equal(restored, hf_io.assemble_params(source, key_map))
+
+
+class _RunsCode:
+  """Unpickling this calls os.system: what a malicious checkpoint does."""
+
+  def __reduce__(self):
+    return (os.system, ("echo unpickled",))
+
+
+class _NotATensor:
+  pass
+
+
+def _bins(directory, torch):
+  """(name -> a .bin file moe_jax must refuse, the one-line reason it gives)."""
+  good = directory / "good.bin"
+  torch.save({"w": torch.ones(3)}, str(good))
+  truncated = directory / "truncated.bin"
+  truncated.write_bytes(good.read_bytes()[:200])
+  torch.save({"w": _RunsCode()}, str(directory / "runs_code.bin"))
+  torch.save({"w": _NotATensor()}, str(directory / "custom_class.bin"))
+  torch.save([torch.ones(3)], str(directory / "a_list.bin"))
+  return {"runs_code.bin": "refused on purpose: it needs posix.system",
+          "custom_class.bin": "refused on purpose: it needs tests.test_checkpoints_peers",
+          "a_list.bin": "holds a list, not a state dict",
+          "truncated.bin": "is not a readable torch checkpoint"}
+
+
+def test_refused_and_unreadable_bins_are_one_line_naming_the_file(tmp_path, capfd):
+  torch = pytest.importorskip("torch")
+  for name, reason in _bins(tmp_path, torch).items():
+    with pytest.raises(layout.CheckpointError) as error:
+      torch_bin.load_state_dict(str(tmp_path / name))
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / name} ") and reason in message, message
+    assert "\n" not in message and "weights_only=False" not in message
+  assert "unpickled" not in capfd.readouterr().out
+
+
+def test_failed_conversion_is_one_line_and_leaves_nothing(tmp_path):
+  torch = pytest.importorskip("torch")
+  src, dst = tmp_path / "bin", tmp_path / "st"
+  src.mkdir()
+  _bins(src, torch)
+  os.rename(src / "runs_code.bin", src / "pytorch_model.bin")
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "convert_hf.py"), f"--src={src}",
+       f"--dst={dst}"], capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 2
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+  assert errors[0].startswith(f"error: {src / 'pytorch_model.bin'} is refused on purpose")
+  assert "weights_only=False" not in result.stderr and not dst.exists()

@@ -9,7 +9,10 @@ import pytest
 
 from moe_jax import predictor
 from moe_jax.app import config as config_lib
-from moe_jax.app import presets, runtime
+from moe_jax.app import presets, runtime, workflows
+from moe_jax.models import switch
+
+from tests.checkpoint_helpers import save_hf, tiny_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
@@ -76,7 +79,7 @@ def test_mesh_that_does_not_fit():
     runtime.make_mesh(config_lib.MeshConfig(data=4, expert=4))
   assert dict(runtime.make_mesh(config_lib.MeshConfig(data=2, expert=-1)).shape) == {
       "data": 2, "expert": 4}
-  assert job.mesh == config_lib.MeshConfig(data=1, expert=-1)
+  assert job.mesh == config_lib.MeshConfig(data=1, expert=-1, allow_idle_devices=False)
 
 
 def test_missing_checkpoint():
@@ -84,3 +87,82 @@ def test_missing_checkpoint():
   config.checkpoint = "/nonexistent/dir"
   with pytest.raises(config_lib.UsageError, match="is not a directory"):
     runtime.load_model(config_lib.from_tree(config))
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("bench", "policies", "histroy,none", r"--config.bench.policies='histroy,none' has unknown"),
+    ("bench", "policies", "history", r"--config.bench.policies='history' lacks 'none'"),
+    ("bench", "capacity_modes", "sometimes", r"--config.bench.capacity_modes='sometimes': "),
+    ("bench", "warmup_batches", -1, r"--config.bench.warmup_batches=-1 must be an integer >= 0"),
+    ("data", "batch_size", 0, r"--config.data.batch_size=0 must be an integer >= 1"),
+    ("data", "encoder_len", 0, r"--config.data.encoder_len=0 must be an integer >= 1"),
+    ("data", "max_input_tokens", 0, r"--config.data.max_input_tokens=0 must be an integer >= 1"),
+    ("train", "steps", 0, r"--config.train.steps=0 must be an integer >= 1"),
+    ("train", "learning_rate", 0.0, r"--config.train.learning_rate=0.0 must be a number > 0"),
+])
+def test_values_the_harness_cannot_run_name_the_flag(section, key, value, message):
+  config = presets.switch_tiny()
+  config[section][key] = value
+  with pytest.raises(config_lib.UsageError, match=message):
+    config_lib.from_tree(config)
+
+
+def test_prompt_length_limit_per_config():
+  assert config_lib.from_tree(presets.switch_tiny()).data.max_input_tokens == 4096
+  assert config_lib.from_tree(presets.switch_base(8)).data.max_input_tokens == 512
+  assert "max_input_tokens" not in dict(config_lib.from_tree(presets.switch_tiny()).data.window)
+
+
+def test_a_mesh_must_use_every_device_unless_allowed():
+  with pytest.raises(config_lib.UsageError) as error:
+    runtime.make_mesh(config_lib.MeshConfig(data=3))      # expert = 8 // 3 = 2: 6 devices
+  message = str(error.value)
+  assert "uses 6 of the 8 visible cpu devices and would leave 2 idle" in message
+  assert "--config.mesh.allow_idle_devices=True" in message
+  mesh = runtime.make_mesh(config_lib.MeshConfig(data=3, allow_idle_devices=True))
+  assert dict(mesh.shape) == {"data": 3, "expert": 2}
+
+
+def test_experts_that_do_not_split_over_the_mesh_name_the_flags():
+  mesh = runtime.make_mesh(config_lib.MeshConfig(data=2, expert=3, allow_idle_devices=True))
+  with pytest.raises(config_lib.UsageError) as error:
+    runtime.check_experts_fit(16, mesh, config_lib.MeshConfig(data=2, expert=3))
+  message = str(error.value)
+  assert "16 experts do not split over the mesh's expert axis of 3" in message
+  assert "e.g. --config.mesh.data=1 --config.mesh.expert=8" in message
+  assert "--config.cpu_devices=8" in message
+
+
+@pytest.mark.parametrize("texts, ids, message", [
+    ([""], "", r"--text is empty"),
+    (["  "], "", r"--text is empty"),
+    ([], "", r"give --text=\.\.\. or --ids=\.\.\."),
+    ([], "3,x", r"--ids='3,x' must be comma-separated token ids"),
+    ([], "3,99999", r"--ids has ids \[99999\] outside the vocabulary \[0, 2048\)"),
+    (["word " * 4200], "", r"the prompt is 4201 tokens long, more than "
+     r"--config.data.max_input_tokens=4096 .* raise --config.data.max_input_tokens"),
+])
+def test_prompts_launch_infer_refuses(texts, ids, message):
+  job = config_lib.from_tree(presets.switch_tiny())
+  _, cfg = runtime.checkpoint_config(job)
+  with pytest.raises(config_lib.UsageError, match=message):
+    workflows.prompt_rows(job, cfg, runtime.load_tokenizer(job), texts=texts, ids=ids)
+  if ids == "" and texts and texts[0].startswith("word"):   # the same prompt, a raised limit
+    config = presets.switch_tiny()
+    config.data.max_input_tokens = 4201
+    job = config_lib.from_tree(config)
+    rows = workflows.prompt_rows(job, cfg, runtime.load_tokenizer(job), texts=texts, ids=ids)
+    assert len(rows[0]) == 4201 and rows[0][-1] == cfg.eos_token_id
+
+
+def test_unreadable_checkpoint_is_one_line_naming_the_file(tmp_path):
+  config = tiny_config()
+  save_hf(switch.random_params(config, seed=0), config, tmp_path)
+  (tmp_path / "model.safetensors").write_bytes(b"\x00" * 10)
+  tree = presets.switch_tiny()
+  tree.checkpoint = str(tmp_path)
+  with pytest.raises(config_lib.UsageError) as error:
+    runtime.load_model(config_lib.from_tree(tree))
+  message = str(error.value)
+  assert f"{tmp_path}/model.safetensors is not a readable safetensors file" in message
+  assert "\n" not in message and message.endswith(f"(--config.checkpoint={tmp_path})")

@@ -51,29 +51,66 @@ def test_bad_config(make, kwargs, match):
     make(**kwargs)
 
 
-@pytest.mark.parametrize("width", [1, 3])
-def test_slot_table_of_the_wrong_shape(width):
-  """r is read from the table's width; a table narrower than the h home slots, or with the wrong
-  number of rows, is refused at the boundary."""
+@pytest.mark.parametrize("shape", [(2, 2), (4,), (8, 1)])
+def test_replica_columns_of_the_wrong_shape(shape):
+  """Replica columns are <int32>[De, r]: one row per expert-axis device, any r."""
   cfg = _cfg()
   params = moe_jax.init_moe_params(jax.random.key(0), cfg)
-  table = -np.ones((4 if width == 1 else 2, width), np.int32)
-  with pytest.raises(ValueError, match=r"slot_table has shape \(\d, \d\), expected \(4, "):
-    moe_jax.moe_apply(params, jnp.zeros((2, 4, 16)), cfg, mesh=moe_jax.make_mesh(1, 4),
-                      slot_table=table)
+  with pytest.raises(ValueError, match=r"replica columns have shape \(.*\), expected \(4, r\)"):
+    moe_jax.prefetch(params, -np.ones(shape, np.int32), cfg, mesh=moe_jax.make_mesh(1, 4))
 
 
-def test_replica_weights_that_do_not_match_the_table():
+@pytest.mark.parametrize("columns,match", [
+    ([[9], [-1], [-1], [-1]], r"replica column \[0, 0\] = 9 is out of range"),
+    ([[-1], [-1], [-3], [-1]], r"replica column \[2, 0\] = -3 is out of range"),
+    ([[2, 2], [-1, -1], [-1, -1], [-1, -1]],
+     r"replica column \[0, 1\] holds expert 2, which device 0 already holds in another replica"),
+    ([[1], [-1], [-1], [-1]], r"holds expert 1, which device 0 already holds in a home slot"),
+    ([[0, 1, 2], [2, 3, 0], [4, 5, 1], [6, 7, 2]], "looks like a full slot table"),
+    ([[0.5], [-1], [-1], [-1]], "must hold integers"),
+])
+def test_bad_replica_columns(columns, match):
+  cfg = _cfg()
+  params = moe_jax.init_moe_params(jax.random.key(0), cfg)
+  with pytest.raises(ValueError, match=match):
+    moe_jax.prefetch(params, np.asarray(columns), cfg, mesh=moe_jax.make_mesh(1, 4))
+
+
+def test_full_slot_tables_are_read_only_when_concrete_and_checked():
+  cfg = _cfg()
+  mesh = moe_jax.make_mesh(1, 4)
+  table = np.array([[0, 1, 4], [2, 3, 0], [4, 5, 1], [6, 7, 2]], np.int32)
+  np.testing.assert_array_equal(moe_jax.replica_columns(table, cfg, mesh=mesh), table[:, 2:])
+  with pytest.raises(ValueError, match=r"home column changed: slot \[1, 0\] holds expert 5"):
+    moe_jax.replica_columns(_with(table, (1, 0), 5), cfg, mesh=mesh)
+  with pytest.raises(ValueError, match="needs a concrete slot table"):
+    jax.jit(lambda t: moe_jax.replica_columns(t, cfg, mesh=mesh))(table)
+
+
+def _with(array, index, value):
+  array = array.copy()
+  array[index] = value
+  return array
+
+
+def test_replicas_that_do_not_match_the_layer():
   cfg = _cfg()
   mesh = moe_jax.make_mesh(1, 4)
   params = moe_jax.init_moe_params(jax.random.key(0), cfg)
-  table = moe_jax.place(jnp.arange(8.0), cfg, num_replica_slots=2, mesh=mesh)
+  x = jnp.zeros((2, 4, 16))
+  held = moe_jax.prefetch(params, moe_jax.place(jnp.arange(8.0), cfg, num_replica_slots=2,
+                                                mesh=mesh), cfg, mesh=mesh)
   one_slot = moe_jax.prefetch(params, moe_jax.place(jnp.arange(8.0), cfg, num_replica_slots=1,
                                                     mesh=mesh), cfg, mesh=mesh)
-  with pytest.raises(ValueError, match=r"replica_weights\['wi'\] has shape \(4, 16, 32\), "
+  with pytest.raises(ValueError, match=r"replicas.weights\['wi'\] has shape \(4, 16, 32\), "
                      r"expected \(8, 16, 32\)"):
-    moe_jax.moe_apply(params, jnp.zeros((2, 4, 16)), cfg, mesh=mesh, slot_table=table,
-                      replica_weights=one_slot)
+    moe_jax.moe_apply(params, x, cfg, mesh=mesh, replicas=held.replace(weights=one_slot.weights))
+  other = moe_jax.init_moe_params(jax.random.key(0), _cfg(num_experts=16))
+  with pytest.raises(ValueError, match="replicas are for num_experts=16, but the layer has 8"):
+    moe_jax.moe_apply(params, x, cfg, mesh=mesh,
+                      replicas=moe_jax.empty_replicas(other, 2, mesh=mesh))
+  with pytest.raises(ValueError, match=r"replica columns have shape \(4, 1\), expected \(4, 2\)"):
+    moe_jax.refresh(params, one_slot.columns, held, cfg, mesh=mesh)
 
 
 def test_experts_not_divisible_by_expert_axis():

@@ -1,4 +1,5 @@
-"""Smoke runs of every launch script on a micro model, as a user would run them (subprocesses).
+"""Smoke runs of every launch script on a micro model, as a user would run them (subprocesses),
+their one-line errors, the compilation-cache setting, and what bench.py's plots say.
 
 One module-scoped fixture trains a micro Switch model for a few steps with launch/train.py; the
 other scripts then use its checkpoint. The subprocesses share the persistent compilation cache.
@@ -9,7 +10,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,7 +93,8 @@ def test_infer_on_two_processes_matches_one_process(checkpoint):
               os.path.join(REPO, "launch", "infer.py"), *args, "--config.cpu_devices=4",
               extra_env=env)
   leader = [line[len("[0] "):] for line in proc.stdout.splitlines() if line.startswith("[0] ")]
-  follower = [line for line in proc.stdout.splitlines() if line.startswith(("[1] [0] ids", "[1]   "))]
+  follower = [line for line in proc.stdout.splitlines()
+              if line.startswith(("[1] [0] ids", "[1]   "))]
   wanted = [line for line in single if line.startswith(("[0] ids", "  none", "  pregate"))]
   assert len(wanted) >= 3
   assert [line for line in leader if line in wanted] == wanted, proc.stdout
@@ -113,23 +114,86 @@ def test_demo_layer():
   assert "max |moe_apply - dense oracle| = 0.00e+00" in proc.stdout
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--config.replication.replica_slotz=2"], 'Did you mean "num_replica_slots"'),
-    (["--config.execution.capacity_mode=sometimes"],
+@pytest.mark.parametrize("script,args,message", [
+    ("infer.py", ["--config.replication.replica_slotz=2"],
+     "did you mean --config.replication.num_replica_slots?"),
+    ("infer.py", ["--config.nonexistent=1"],
+     "--config.nonexistent is not a config key; the keys of --config are: bench, checkpoint,"),
+    ("bench.py", ["--config=configs/bench.py", "--config.bench.polices=none"],   # parsed later
+     "did you mean --config.bench.policies?"),
+    ("infer.py", ["--config.seed=abc"], "flag --config.seed=abc:"),
+    ("infer.py", ["--config.execution.capacity_mode=sometimes"],
      "--config.execution: ExecutionConfig.capacity_mode='sometimes' is not one of"),
-    (["--config.replication.num_replica_slots=-1"], "--config.replication: num_replica_slots=-1"),
-    (["--config.checkpoint=/nonexistent"], "is not a directory"),
-    (["--config.mesh.data=16", "--config.checkpoint=."], "does not fit the 8 visible"),
+    ("infer.py", ["--config.cpu_devices=3"],
+     "16 experts do not split over the mesh's expert axis of 3 devices (--config.mesh.expert=-1"),
+    ("infer.py", ["--config.data.max_input_tokens=4"],
+     "tokens long, more than --config.data.max_input_tokens=4"),
 ])
-def test_bad_input_is_one_line(args, message):
-  proc = _run("infer.py", *args, "--text=x", check=False)
+def test_bad_input_is_one_line(script, args, message):
+  text = ["--text=The assert statement"] if script == "infer.py" else []
+  proc = _run(script, *args, *text, check=False)
   assert proc.returncode == 2
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and message in errors[0], proc.stderr
   assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("value, expected", [
+    (None, os.path.expanduser("~/.cache/moe_jax/jax_cache")), ("/tmp/elsewhere", "/tmp/elsewhere"),
+    ("0", "None")])
+def test_compilation_cache_location_and_opt_out(value, expected):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAX_COMPILATION_CACHE_DIR", "MOE_JAX_COMPILATION_CACHE")}
+  if value is not None:
+    env["MOE_JAX_COMPILATION_CACHE"] = value
+  code = ("import os, sys; sys.path.insert(0, 'launch'); import _setup; "
+          "print(os.environ.get('JAX_COMPILATION_CACHE_DIR'))")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                        cwd=REPO, check=True, timeout=60)
+  assert proc.stdout.strip() == expected
+
+
 def test_simulate_refuses_stickiness_without_resident_replicas():
   proc = _run("simulate.py", "--stickiness=0.1", check=False)
   assert proc.returncode == 2 and "add --resident_replicas" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def _fake_report():
+  layers = ["encoder/0", "encoder/1", "decoder/0", "decoder/1"]
+
+  def policy(balance, hit):
+    return {"overall": {"balancedness": balance, "tokens_per_second": 1000.0},
+            "layers": {k: {"tokens_per_device": [4, 1, 1, 2], "tokens_per_expert": [3, 1, 2, 2],
+                           "hit_rate": None if k.endswith("/0") else hit} for k in layers}}
+
+  modes = {mode: {"none": policy(0.4, None), "history": policy(0.7, None),
+                  "pregate": policy(0.6, 0.5), "learned": policy(0.8, 0.7)}
+           for mode in ("dropless", "capacity")}
+  return {"meta": {"num_devices": 4, "platform": "cpu"}, "modes": modes}
+
+
+def test_plots_say_what_they_show(tmp_path, monkeypatch):
+  """Every device_load panel has a legend and both balancedness figures; the mode is named;
+  the hit-rate plot labels its axis and says why first layers have no prediction; throughput
+  says the simulated devices share the host's cores."""
+  from moe_jax.bench import plots  # pylint: disable=import-outside-toplevel
+  texts = {}
+  save = plots._save
+
+  def capture(fig, path, **kwargs):
+    texts[os.path.basename(path)] = [t.get_text() for t in fig.texts] + [
+        text for ax in fig.axes for text in (ax.get_title(), ax.get_xlabel(), ax.get_ylabel())
+    ] + [f"legend:{ax.get_legend() is not None}" for ax in fig.axes]
+    return save(fig, path, **kwargs)
+
+  monkeypatch.setattr(plots, "_save", capture)
+  for path in plots.write_all(_fake_report(), str(tmp_path)):
+    assert os.path.getsize(path) > 1000
+  device = " ".join(texts["device_load.png"])
+  assert "capacity mode dropless" in device and "legend:False" not in device
+  assert device.count("per-layer mean") == 3 and device.count("pooled (bars)") == 3
+  hits = " ".join(texts["predictor_hit_rate.png"])
+  assert "MoE layer (stack/index)" in hits and "capacity mode dropless" in hits
+  assert "n/a: encoder/0, decoder/0 - the first MoE layer of each stack" in hits
+  assert "4 simulated CPU devices share this host's" in " ".join(texts["throughput.png"])

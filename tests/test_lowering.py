@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 import moe_jax
-from moe_jax import replicas, replication
+from moe_jax import replication
 from moe_jax.models import moe_stack
 from tests import helpers
 
@@ -80,13 +80,12 @@ def test_refresh_updates_held_replicas_in_place():
   cfg = moe_jax.MoEConfig(num_experts=8, d_model=16, d_ff=32)
   mesh = moe_jax.make_mesh(1, 2)
   params = moe_jax.init_moe_params(jax.random.key(0), cfg)
-  held = replicas.empty_replicas(params, 2, mesh=mesh)
-  home_only = jnp.array([[0, 1, 2, 3, -1, -1], [4, 5, 6, 7, -1, -1]], jnp.int32)
-  new = jnp.array([[0, 1, 2, 3, 4, -1], [4, 5, 6, 7, 0, 1]], jnp.int32)
+  held = moe_jax.empty_replicas(params, 2, mesh=mesh)
+  new = jnp.array([[4, -1], [0, 1]], jnp.int32)
 
-  def refresh(params, new, old, held):
-    return replicas.refresh(params, new, old, held, cfg, mesh=mesh)
-  text = jax.jit(refresh, donate_argnums=3).lower(params, new, home_only, held).compile().as_text()
+  def refresh(params, new, held):
+    return moe_jax.refresh(params, new, held, cfg, mesh=mesh)
+  text = jax.jit(refresh, donate_argnums=2).lower(params, new, held).compile().as_text()
   buffers = {f"f32[2,{a},{b}]" for a, b in ((16, 32), (32, 16))}   # one device's [r, ...] weights
   copies = [line for line in text.splitlines()
             if " copy(" in line and line.split("= ")[1].split("{")[0] in buffers]

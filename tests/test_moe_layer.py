@@ -120,12 +120,15 @@ def test_num_chunks_gives_identical_outputs(capacity_mode):
   params = helpers.skewed_params(cfg)
   x = helpers.skewed_tokens(cfg, 4, 12)
   mesh = moe_jax.make_mesh(2, 4)
-  table = moe_jax.place(jnp.arange(8.0)[::-1], cfg, num_replica_slots=1, mesh=mesh)
-  assert table.shape == (4, 2 + 1), "h = 2 home slots + r = 1 replica slot per device"
+  columns = moe_jax.place(jnp.arange(8.0)[::-1], cfg, num_replica_slots=1, mesh=mesh)
+  assert columns.shape == (4, 1), "r = 1 replica slot per device"
+
+  def layer(p, x, e):
+    held = moe_jax.prefetch(p, columns, cfg, mesh=mesh, execution=e)
+    return moe_jax.moe_apply(p, x, cfg, execution=e, mesh=mesh, replicas=held)
   outputs = []
   for chunks in (1, 2, 4):
-    fn = jax.jit(lambda p, x, e=execution.replace(num_chunks=chunks): moe_jax.moe_apply(
-        p, x, cfg, execution=e, mesh=mesh, slot_table=table))
+    fn = jax.jit(lambda p, x, e=execution.replace(num_chunks=chunks): layer(p, x, e))
     y, stats = fn(params, x)
     outputs.append((np.asarray(y), int(stats.dropped_choices), np.asarray(stats.tokens_per_slot)))
     a2a = str(jax.make_jaxpr(fn)(params, x)).count("all_to_all[")
@@ -139,17 +142,20 @@ def test_num_chunks_gives_identical_outputs(capacity_mode):
     np.testing.assert_array_equal(per_slot, outputs[0][2])
 
 
-def test_no_slot_table_means_no_replica_exchange():
-  """r is the slot table's width minus h: without a table (or with a home-only one) the layer
-  runs no replica prefetch, only its dispatch and combine all-to-alls."""
+def test_no_replicas_means_no_replica_exchange():
+  """r is the replicas' column count: without replicas (or with r = 0) the layer runs no replica
+  prefetch, only its dispatch and combine all-to-alls."""
   cfg = moe_jax.MoEConfig(num_experts=8, top_k=2, d_model=16, d_ff=32)
   params = helpers.skewed_params(cfg)
   x = helpers.skewed_tokens(cfg, 4, 12)
   mesh = moe_jax.make_mesh(2, 4)
-  home_only = moe_jax.home_slot_table(8, 4)
-  for table in (None, home_only):
-    fn = lambda p, x, t=table: moe_jax.moe_apply(p, x, cfg, mesh=mesh, slot_table=t)
-    assert str(jax.make_jaxpr(fn)(params, x)).count("all_to_all[") == 2
-  y_none, _ = fn(params, x, None)
-  y_home, _ = fn(params, x, home_only)
+  no_slots = np.zeros((4, 0), np.int32)
+  fn = lambda p, x, c: moe_jax.moe_apply(p, x, cfg, mesh=mesh, replicas=None if c is None else (
+      moe_jax.prefetch(p, c, cfg, mesh=mesh)))
+  for columns in (None, no_slots):
+    assert str(jax.make_jaxpr(lambda p, x, c=columns: fn(p, x, c))(params, x)).count(
+        "all_to_all[") == 2
+  y_none, stats = fn(params, x, None)
+  y_home, _ = fn(params, x, no_slots)
   np.testing.assert_array_equal(y_none, y_home)
+  assert stats.tokens_per_slot.shape == (2, 4, 2)

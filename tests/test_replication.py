@@ -171,11 +171,11 @@ def _held_replicas_match_home(state, params, cfg, mesh):
   """Every held replica slot holds exactly its table's expert's home weights (zeros if empty)."""
   num_devices = mesh.shape["expert"]
   h = cfg.num_experts // num_devices
-  for layer, table, held in zip(params["layers"], np.asarray(state.tables[moe_stack.STACK]),
-                                state.replicas[moe_stack.STACK]):
+  for layer, held in zip(params["layers"], state.replicas[moe_stack.STACK]):
+    table = np.asarray(held.slot_table)
     r = placement.num_replica_slots(table, cfg.num_experts)
-    assert r == R, "the held tables are R replica slots wide"
-    for name, weights in held.items():
+    assert r == R and held.num_replica_slots == R, "the held replicas are R slots wide"
+    for name, weights in held.weights.items():
       home, weights = np.asarray(layer["moe"][name]), np.asarray(weights)
       assert weights.shape == (num_devices * r,) + home.shape[1:]
       for dev in range(num_devices):

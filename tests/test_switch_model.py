@@ -19,7 +19,6 @@ from safetensors.numpy import load_file
 
 import moe_jax
 from moe_jax import models
-from moe_jax.config import ExecutionConfig
 from moe_jax.models import switch
 from moe_jax.models.switch import layers as t5_layers
 from moe_jax.models.switch import SwitchConfig, sparse_block_indices
@@ -171,18 +170,19 @@ def test_replicas_do_not_change_outputs():
   mesh = _mesh(mesh_shape)
   model, ref = _model("tied_step2", mesh_shape)
   num_experts = model.config.num_experts
-  tables = {}
+  columns = {}
   for stack in ("encoder", "decoder"):
     for index in range(len(model.config.sparse_blocks(stack))):
       load = np.roll(np.arange(num_experts, 0, -1) ** 2, index + 3 * (stack == "decoder"))
-      tables[stack, index] = moe_jax.place(jnp.asarray(load, jnp.float32), model.moe_config,
-                                           num_replica_slots=1, mesh=mesh)
-  home = moe_jax.home_slot_table(num_experts, mesh_shape[1], 1)
-  assert all(not np.array_equal(t, home) for t in tables.values())
+      columns[stack, index] = moe_jax.place(jnp.asarray(load, jnp.float32), model.moe_config,
+                                            num_replica_slots=1, mesh=mesh)
+  assert all(np.any(np.asarray(c) >= 0) for c in columns.values())
 
   def replicated(stack, sparse_index, ff_params, x_normed, routing):
+    held = moe_jax.prefetch(ff_params, columns[stack, sparse_index], model.moe_config, mesh=mesh,
+                            execution=model.execution)
     return moe_jax.moe_apply(ff_params, x_normed, model.moe_config, execution=model.execution,
-                             mesh=mesh, routing=routing, slot_table=tables[stack, sparse_index])
+                             mesh=mesh, routing=routing, replicas=held)
 
   out = _forward(model, ref, moe_fn=replicated)
   _check_forward(out, ref)
@@ -313,6 +313,26 @@ def test_released_configs(num_experts):
   assert (config.mesh.data, config.mesh.expert) == (1, -1)
 
 
+def test_generate_eos_default_none_and_explicit():
+  """As transformers: eos omitted stops at the checkpoint's eos, an id at that id, None never."""
+  cfg, params, ref = _fixture("tied_step2")
+  eos = int(ref["eos_token_id"])
+  model = switch.SwitchModel(cfg.replace(eos_token_id=eos), params)   # "the checkpoint's" eos
+  args = (ref["input_ids"], ref["attention_mask"])
+  steps = int(ref["max_new_tokens"])
+  np.testing.assert_array_equal(model.generate(*args, max_new_tokens=steps), ref["gen_cached"])
+  np.testing.assert_array_equal(model.generate(*args, max_new_tokens=steps, eos_token_id=eos),
+                                ref["gen_cached"])
+  free = np.asarray(model.generate(*args, max_new_tokens=steps, eos_token_id=None))
+  stopped = ref["gen_cached"][:, 1:] == eos
+  assert stopped.any()                            # some rows did stop at eos ...
+  assert (free[:, 1:] != cfg.pad_token_id).all()  # ... but without eos every row runs on
+  first = np.argmax(stopped, axis=1)
+  for row in np.nonzero(stopped.any(axis=1))[0]:  # identical up to and including the first eos
+    upto = first[row] + 2                         # the start token, then through the eos
+    np.testing.assert_array_equal(free[row, :upto], ref["gen_cached"][row, :upto])
+
+
 # --- errors at the boundary ---
 
 
@@ -348,10 +368,10 @@ def test_registry_finds_the_family():
   assert models.get_family("switch") is switch
   assert models.family_for_model_type("switch_transformers") is switch
   assert isinstance(switch, types.ModuleType) and switch.Config is SwitchConfig
-  with pytest.raises(ValueError, match=r"unknown model family 'mixtral'; supported: \['switch'\]"):
-    models.get_family("mixtral")
-  with pytest.raises(ValueError, match=r"model_type 'llama' .* supported: \['switch_transformers'"):
-    models.family_for_model_type("llama")
+  with pytest.raises(ValueError, match=r"unknown model family 'gpt9'; supported: \[.*'switch'"):
+    models.get_family("gpt9")
+  with pytest.raises(ValueError, match=r"model_type 'gpt9' .* supported: \[.*'switch_transf"):
+    models.family_for_model_type("gpt9")
 
 
 def test_task_batches_and_the_prompt_side():

@@ -15,6 +15,7 @@ import types
 from typing import Any
 
 from moe_jax import models
+from moe_jax import predictor as predictor_lib
 from moe_jax.app import presets
 from moe_jax.config import ExecutionConfig
 from moe_jax.replication import ReplicationConfig
@@ -28,15 +29,21 @@ class UsageError(ValueError):
 class MeshConfig:
   data: int = 1
   expert: int = -1          # -1: all devices / data
+  allow_idle_devices: bool = False   # else a mesh must use every device (`runtime.make_mesh`)
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Text batches: `window` holds the family's window lengths (e.g. encoder_len, decoder_len)."""
+  """Text batches: `window` holds the family's window lengths (e.g. encoder_len, decoder_len).
+
+  `max_input_tokens` caps a prompt of launch/infer.py: memory grows with its square (attention),
+  so a long text fails with a one-line error instead of running out of memory.
+  """
 
   batch_size: int = 8
   num_batches: int = 4
   window: tuple = ()        # ((name, value), ...) passed to the family's `text_windows`
+  max_input_tokens: int = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,24 +124,69 @@ def from_tree(config) -> Job:
   except ValueError as e:
     raise UsageError(f"--config.model.family: {e}") from None
   data = dict(tree["data"])
+  for key, value in data.items():   # sizes and lengths: batch_size, encoder_len, ...
+    if isinstance(value, int):
+      _check_int(f"data.{key}", value, minimum=1)
   bench = dict(tree["bench"])
+  execution = _typed("execution", ExecutionConfig, tree["execution"])
   return Job(
       family=family,
       model=_build("model", lambda: family.config_from_dict(model_tree)),
       checkpoint=str(tree.get("checkpoint", "")),
-      execution=_typed("execution", ExecutionConfig, tree["execution"]),
+      execution=execution,
       replication=_typed("replication", ReplicationConfig, tree["replication"]),
       predictor_checkpoint=str(tree.get("predictor_checkpoint", "")),
       mesh=_typed("mesh", MeshConfig, tree["mesh"]),
       data=_build("data", lambda: DataConfig(
           batch_size=int(data.pop("batch_size")), num_batches=int(data.pop("num_batches")),
+          max_input_tokens=int(data.pop("max_input_tokens", DataConfig.max_input_tokens)),
           window=tuple(sorted(data.items())))),
-      train=_typed("train", TrainConfig, tree["train"]),
-      bench=_build("bench", lambda: BenchConfig(
-          **dict(bench, policies=_split(bench["policies"]),
-                 capacity_modes=_split(bench["capacity_modes"])))),
+      train=_train(tree["train"]),
+      bench=_bench(bench, execution),
       seed=int(tree.get("seed", 0)),
       tree=tree)
+
+
+def _bench(bench: dict, execution: ExecutionConfig) -> BenchConfig:
+  """config.bench, each policy and capacity mode checked (the harness compares against 'none')."""
+  policies, modes = _split(bench["policies"]), _split(bench["capacity_modes"])
+  unknown = [p for p in policies if p not in predictor_lib.KINDS]
+  if unknown or "none" not in policies:
+    problem = f"has unknown {unknown}" if unknown else "lacks 'none' (the baseline)"
+    raise UsageError(f"--config.bench.policies={bench['policies']!r} {problem}; give a "
+                     f"comma-separated subset of {','.join(predictor_lib.KINDS)} with none.")
+  for mode in modes:
+    try:
+      execution.replace(capacity_mode=mode)
+    except ValueError as e:
+      raise UsageError(f"--config.bench.capacity_modes={bench['capacity_modes']!r}: {e}") from None
+  if not modes:
+    raise UsageError("--config.bench.capacity_modes is empty; give dropless, capacity or both.")
+  _check_int("bench.repeats", bench["repeats"], minimum=1)
+  _check_int("bench.warmup_batches", bench["warmup_batches"], minimum=0)
+  return _build("bench", lambda: BenchConfig(**dict(bench, policies=policies,
+                                                    capacity_modes=modes)))
+
+
+def _train(train: dict) -> TrainConfig:
+  """config.train, its counts and rates checked."""
+  minimums = dict(steps=1, batch_size=1, warmup=0, vocab_size=2, stride=1, log_every=1, seed=0,
+                  predictor_steps=1, predictor_rank=0, predictor_batches=1)
+  for key, minimum in minimums.items():
+    if key in train:
+      _check_int(f"train.{key}", train[key], minimum=minimum)
+  for key in ("learning_rate", "weight_decay"):
+    value = train.get(key, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+        key == "learning_rate" and value == 0):
+      raise UsageError(f"--config.train.{key}={value!r} must be a number "
+                       f"{'> 0' if key == 'learning_rate' else '>= 0'}.")
+  return _typed("train", TrainConfig, train)
+
+
+def _check_int(flag: str, value, *, minimum: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise UsageError(f"--config.{flag}={value!r} must be an integer >= {minimum}.")
 
 
 def _split(value) -> tuple:

@@ -46,8 +46,8 @@ def concat_traces(batches: list[dict]) -> dict:
   out = {}
   for stack in batches[0]:
     n = len(batches[0][stack][0])
-    xs = [np.concatenate([np.asarray(b[stack][0][l], np.float32) for b in batches]) for l in range(n)]
-    ps = [np.concatenate([np.asarray(b[stack][1][l], np.float32) for b in batches]) for l in range(n)]
+    xs, ps = ([np.concatenate([np.asarray(b[stack][part][layer], np.float32) for b in batches])
+               for layer in range(n)] for part in (0, 1))
     out[stack] = (xs, ps)
   return out
 

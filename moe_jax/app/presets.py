@@ -12,10 +12,12 @@ nothing below them sees the tree.
   config.replication   ReplicationConfig fields (predictor, num_replica_slots, first_layer,
                        history_decay, resident, stickiness)
   config.predictor_checkpoint  the learned predictor (orbax dir), "" if none
-  config.mesh          data / expert axis sizes (expert=-1: all devices / data)
+  config.mesh          data / expert axis sizes (expert=-1: all devices / data); a mesh must use
+                       every device unless allow_idle_devices=True
   config.cpu_devices   simulated CPU devices when the host has one (0: leave XLA alone)
   config.data          batch_size, num_batches, and the family's window lengths (Switch:
-                       encoder_len, decoder_len)
+                       encoder_len, decoder_len); max_input_tokens: the longest prompt
+                       launch/infer.py accepts (memory grows with its square)
   config.train         training knobs (launch/train.py, launch/train_predictor.py)
   config.bench         benchmark knobs (launch/bench.py)
 """
@@ -71,10 +73,11 @@ def common(family: str, model: dict, *, checkpoint: str = "") -> ml_collections.
       predictor="pregate", num_replica_slots=2, first_layer="history", history_decay=0.8,
       resident=False, stickiness=0.0))
   c.predictor_checkpoint = ""
-  c.mesh = ml_collections.ConfigDict(dict(data=1, expert=-1))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, expert=-1, allow_idle_devices=False))
   c.cpu_devices = 8
+  # max_input_tokens: launch/infer.py on the shipped model peaks at ~2 GB RSS at 4096 (README).
   c.data = ml_collections.ConfigDict(dict(encoder_len=64, decoder_len=64, batch_size=8,
-                                          num_batches=4))
+                                          num_batches=4, max_input_tokens=4096))
   c.train = ml_collections.ConfigDict(dict(
       steps=1500, batch_size=16, learning_rate=3e-3, warmup=100, weight_decay=0.01,
       vocab_size=2048, stride=32, log_every=50, seed=0, out_dir="",
@@ -91,6 +94,7 @@ def switch_base(num_experts: int) -> ml_collections.ConfigDict:
   c = common("switch", dict(SWITCH_BASE, num_experts=num_experts))
   c.data.batch_size = 8
   c.data.num_batches = 2
+  c.data.max_input_tokens = 512    # the input length the released Switch models were trained on
   return c
 
 

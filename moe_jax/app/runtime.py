@@ -19,29 +19,63 @@ from moe_jax.app import data as data_lib
 from moe_jax.app import predictor_training
 from moe_jax.app import presets
 from moe_jax.app.config import Job, MeshConfig, UsageError
+from moe_jax.checkpoints.layout import CheckpointError
 
 
 def make_mesh(mesh_cfg: MeshConfig) -> jax.sharding.Mesh:
   """The ('data', 'expert') mesh of config.mesh (expert=-1: all devices / data).
 
-  In a multi-process job the mesh spans every process's devices (`distributed.make_global_mesh`)
-  and must use all of them.
+  It must use every visible device unless `mesh_cfg.allow_idle_devices`. In a multi-process job
+  the mesh spans every process's devices (`distributed.make_global_mesh`) and must use all of
+  them.
   """
   devices = jax.devices()
   data, expert = int(mesh_cfg.data), int(mesh_cfg.expert)
   if expert == -1:
     expert = len(devices) // max(data, 1)
+  cpu_hint = (" (on CPU, --config.cpu_devices=N simulates N devices)"
+              if jax.default_backend() == "cpu" else "")
   if data < 1 or expert < 1 or data * expert > len(devices):
     raise UsageError(
         f"mesh data={mesh_cfg.data} x expert={mesh_cfg.expert} does not fit the {len(devices)} "
         f"visible {jax.default_backend()} device(s); set --config.mesh.data/--config.mesh.expert "
-        "so data * expert <= devices (on CPU, --config.cpu_devices=N simulates N devices).")
+        f"so data * expert <= devices{cpu_hint}.")
+  if data * expert < len(devices) and not (mesh_cfg.allow_idle_devices
+                                           and jax.process_count() == 1):
+    raise UsageError(
+        f"mesh data={data} x expert={expert} uses {data * expert} of the {len(devices)} visible "
+        f"{jax.default_backend()} devices and would leave {len(devices) - data * expert} idle; "
+        f"set --config.mesh.data/--config.mesh.expert so data * expert = {len(devices)}"
+        f"{cpu_hint}, or pass --config.mesh.allow_idle_devices=True to run on "
+        f"{data * expert} anyway.")
   if jax.process_count() > 1:
     try:
       return distributed.make_global_mesh(data, expert)
     except ValueError as e:
       raise UsageError(f"{e} (--config.mesh.data / --config.mesh.expert)") from None
   return mesh_lib.make_mesh(data, expert)
+
+
+def check_experts_fit(num_experts: int, mesh: jax.sharding.Mesh, mesh_cfg: MeshConfig) -> None:
+  """UsageError naming the flags when the mesh's expert axis does not divide `num_experts`."""
+  data, expert = mesh.shape["data"], mesh.shape["expert"]
+  if num_experts % expert == 0:
+    return
+  devices = len(jax.devices())
+  divisors = [k for k in range(1, num_experts + 1) if num_experts % k == 0]
+  given = "-1 (all devices / data)" if int(mesh_cfg.expert) == -1 else str(mesh_cfg.expert)
+  fix = [f"--config.mesh.data={devices // k} --config.mesh.expert={k}" for k in divisors
+         if devices % k == 0][-1]          # always found: k = 1
+  cpu_hint = ""
+  if jax.default_backend() == "cpu":
+    simulated = max(k for k in divisors if k <= max(devices, 8))
+    cpu_hint = (f", or simulate a device count the experts split over, e.g. "
+                f"--config.cpu_devices={simulated}")
+  raise UsageError(
+      f"the model's {num_experts} experts do not split over the mesh's expert axis of {expert} "
+      f"devices (--config.mesh.expert={given}, --config.mesh.data={data}, {devices} devices); "
+      f"choose an expert axis that divides {num_experts} and uses every device, e.g. {fix}"
+      f"{cpu_hint}.")
 
 
 def checkpoint_dir(job: Job) -> str:
@@ -58,21 +92,46 @@ def checkpoint_dir(job: Job) -> str:
   return resolved
 
 
+def checkpoint_config(job: Job):
+  """(family module, its Config) of config.checkpoint, from its config only (no weights)."""
+  path = checkpoint_dir(job)
+  try:
+    return models.checkpoint_config(path)
+  except (FileNotFoundError, ValueError) as e:   # absent, corrupt or unsupported config
+    raise _checkpoint_error(e, job) from None
+
+
+def load_tokenizer(job: Job):
+  """The SentencePiece tokenizer stored with config.checkpoint, or None if it has none."""
+  return data_lib.load_tokenizer(checkpoint_dir(job))
+
+
 def load_model(job: Job, *, mesh=None, dtype=jnp.float32):
   """(the family's Model bound to job.execution, tokenizer or None) from config.checkpoint.
 
   A moe_jax orbax dir (moe_jax.json + params/) or a Hugging Face dir (config.json + safetensors);
-  the model config stored with the checkpoint wins over config.model.
+  the model config stored with the checkpoint wins over config.model. A checkpoint that cannot
+  be used (missing, corrupt or refused files; tensors that do not match its config; experts that
+  do not split over the mesh) is a UsageError naming the file or the flag.
   """
   path = checkpoint_dir(job)
+  family, config = checkpoint_config(job)
+  if mesh is not None:
+    check_experts_fit(family.moe_config(config, dtype).num_experts, mesh, job.mesh)
   try:
     model = models.from_pretrained(path, mesh=mesh, dtype=dtype, execution=job.execution)
-  except FileNotFoundError as e:
-    raise UsageError(f"{e} (--config.checkpoint)") from None
+  except (FileNotFoundError, CheckpointError) as e:
+    raise _checkpoint_error(e, job) from None
   if not isinstance(model, job.family.Model):
     raise UsageError(f"checkpoint {job.checkpoint!r} holds a {type(model).__name__} but "
                      f"--config.model.family={job.family.NAME!r}; change one of them.")
   return model, data_lib.load_tokenizer(path)
+
+
+def _checkpoint_error(error: Exception, job: Job) -> UsageError:
+  """`error` naming the flag at the end of its first line (a mismatch lists tensors below it)."""
+  first, newline, rest = str(error).partition("\n")
+  return UsageError(f"{first} (--config.checkpoint={job.checkpoint}){newline}{rest}")
 
 
 def load_learned_predictor(job: Job, layer_counts: dict, d_model: int, num_experts: int):

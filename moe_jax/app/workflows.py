@@ -156,6 +156,41 @@ def train_predictor(job: Job, out_dir: str, *, force: bool = False) -> dict:
   return metadata
 
 
+def prompt_rows(job: Job, model_cfg, tokenizer, *, texts: list[str], ids: str) -> list[list[int]]:
+  """Prompt token ids of launch/infer.py's --text (one row each) or --ids ("37,423,5").
+
+  UsageError unless every prompt is non-empty, within the vocabulary and at most
+  config.data.max_input_tokens long (attention memory grows with the square of the length).
+  """
+  family = job.family
+  if ids:
+    try:
+      rows = [[int(t) for t in ids.split(",")]]
+    except ValueError:
+      raise UsageError(f"--ids={ids!r} must be comma-separated token ids, e.g. --ids=37,423,5."
+                       ) from None
+  elif texts:
+    if tokenizer is None:
+      raise UsageError("this checkpoint has no spiece.model; pass --ids instead of --text.")
+    if any(not text.strip() for text in texts):
+      raise UsageError("--text is empty: give the text to continue, e.g. "
+                       "--text=\"The assert statement\".")
+    rows = [family.prompt_ids(tokenizer, text, model_cfg) for text in texts]
+  else:
+    raise UsageError("give --text=... or --ids=...")
+  vocab = getattr(model_cfg, "vocab_size", None)
+  outside = sorted({t for row in rows for t in row if t < 0 or (vocab and t >= vocab)})
+  if outside:
+    raise UsageError(f"--ids has ids {outside[:5]} outside the vocabulary [0, {vocab}).")
+  limit, longest = job.data.max_input_tokens, max(len(row) for row in rows)
+  if longest > limit:
+    raise UsageError(f"the prompt is {longest} tokens long, more than "
+                     f"--config.data.max_input_tokens={limit} (memory grows with the square of "
+                     "the length); shorten it, or raise --config.data.max_input_tokens if this "
+                     "host has the memory.")
+  return rows
+
+
 def pad_batch(rows: list[list[int]], multiple: int, pad_id: int):
   """(<int32>[B, L] ids, mask) right-padded; B rounded up to a multiple of the data axis."""
   length = max(len(r) for r in rows)
@@ -207,15 +242,20 @@ def balance_lines(job: Job, model, input_ids, mask, mesh) -> list[str]:
     if kind in ("learned", "oracle", "dynamic"):
       lines.append(f"  ({kind}: see launch/bench.py for this policy)")
       continue
-    runner = replication.StackRunner(
-        replication.ReplicationConfig(predictor=kind, num_replica_slots=rcfg.num_replica_slots),
-        moe_cfg, mesh, layers, replication.init_state(counts, moe_cfg.num_experts),
-        execution=job.execution)
-    jax.block_until_ready(family.prompt_pass(model.params, model.config, input_ids, mask,
-                                             runner.moe_fn))
-    records = runner.records()
-    stats = distributed.gather({s: [(r.stats.tokens_per_device, r.stats.balancedness)
-                                    for r in records[s]] for s in records})
+    replication_cfg = replication.ReplicationConfig(predictor=kind,
+                                                    num_replica_slots=rcfg.num_replica_slots)
+
+    @jax.jit
+    def measure(params, input_ids, mask, replication_cfg=replication_cfg):
+      runner = replication.StackRunner(
+          replication_cfg, moe_cfg, mesh, family.moe_layers(params, model.config),
+          replication.init_state(counts, moe_cfg.num_experts), execution=job.execution)
+      family.prompt_pass(params, model.config, input_ids, mask, runner.moe_fn)
+      records = runner.records()
+      return {s: [(r.stats.tokens_per_device, r.stats.balancedness) for r in records[s]]
+              for s in records}
+
+    stats = distributed.gather(measure(model.params, input_ids, mask))
     for stack in (s for s in layers if s in stats):
       for i, (per_device, balance) in enumerate(stats[stack]):
         lines.append(f"  {kind:8s} {stack}/{i}: tokens per device "

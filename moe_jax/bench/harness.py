@@ -72,13 +72,21 @@ def run_mode(setup: BenchSetup, batches: list[dict], capacity_mode: str, policie
   results = {p: {"records": [], "logits_rel_diff": 0.0, "seconds": [], "tokens": 0}
              for p in policies}
   states = {p: step.initial_state() for p in policies}
-  for batch in warmup:
+  logging.info("[%s] %d warm-up + %d scored batches x %d policies; the first batch compiles the "
+               "'none' program and the one program all replicating policies share",
+               capacity_mode, len(warmup), len(batches), len(policies))
+  for w, batch in enumerate(warmup):
+    start = time.perf_counter()
     _, oracle, _ = step("none", batch, states["none"], None)
     for policy in policies:
       if policy != "none":
         states[policy] = step(policy, batch, states[policy], oracle)[2]
+    jax.block_until_ready(states)
+    logging.info("[%s] warm-up batch %d/%d: %.1f s", capacity_mode, w + 1, len(warmup),
+                 time.perf_counter() - start)
   oracles = []
   for b, batch in enumerate(batches):
+    start = time.perf_counter()
     logits, oracle, none_records = step("none", batch, states["none"], None)
     oracles.append(oracle)
     for policy in policies:
@@ -89,10 +97,11 @@ def run_mode(setup: BenchSetup, batches: list[dict], capacity_mode: str, policie
         diff = relative_max_diff(out, logits)
         results[policy]["logits_rel_diff"] = max(results[policy]["logits_rel_diff"], diff)
       results[policy]["records"].append(distributed.gather(records))
-    logging.info("[%s] batch %d/%d: ran %d policies", capacity_mode, b + 1, len(batches),
-                 len(policies))
+    logging.info("[%s] batch %d/%d: ran %d policies in %.1f s", capacity_mode, b + 1,
+                 len(batches), len(policies), time.perf_counter() - start)
   tokens = sum(setup.family.batch_tokens(b) for b in batches)
   for r in range(repeats):                      # interleaved timing rounds
+    round_start = time.perf_counter()
     for policy in policies:
       state = states[policy]
       start = time.perf_counter()
@@ -101,7 +110,8 @@ def run_mode(setup: BenchSetup, batches: list[dict], capacity_mode: str, policie
         jax.block_until_ready(out[0])
       results[policy]["seconds"].append(time.perf_counter() - start)
       results[policy]["tokens"] = tokens
-    logging.info("[%s] timing round %d/%d done", capacity_mode, r + 1, repeats)
+    logging.info("[%s] timing round %d/%d: %.1f s", capacity_mode, r + 1, repeats,
+                 time.perf_counter() - round_start)
   return results
 
 

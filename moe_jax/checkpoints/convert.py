@@ -5,13 +5,16 @@
            family="switch")                                  # .bin or safetensors -> orbax params
 
 `to_safetensors` keeps the keys and needs no model. `to_orbax` builds the parameter tree, so it
-takes the family's key map; the caller resolves the family (`moe_jax.models`).
+takes the family's key map; the caller resolves the family (`moe_jax.models`). A conversion that
+fails (or is interrupted) removes what it created under `dst` (`removed_on_failure`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +39,27 @@ def checkpoint_dir(src: str) -> str:
   return src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
 
 
+@contextlib.contextmanager
+def removed_on_failure(dst: str):
+  """If the block raises (or is interrupted), deletes what it created: `dst` itself if it did not
+  exist before, else the entries of `dst` that are new (files it overwrote stay overwritten)."""
+  existed = os.path.exists(dst)
+  before = set(os.listdir(dst)) if existed and os.path.isdir(dst) else set()
+  try:
+    yield
+  except BaseException:
+    if not existed:
+      shutil.rmtree(dst, ignore_errors=True)
+    elif os.path.isdir(dst):
+      for name in set(os.listdir(dst)) - before:
+        path = os.path.join(dst, name)
+        if os.path.isdir(path):
+          shutil.rmtree(path, ignore_errors=True)
+        else:
+          os.remove(path)
+    raise
+
+
 def to_safetensors(src: str, dst: str) -> list[str]:
   """pytorch_model*.bin (single or sharded) -> safetensors with the same keys (needs torch)."""
   if not os.path.exists(src):
@@ -45,7 +69,8 @@ def to_safetensors(src: str, dst: str) -> list[str]:
                      "checkpoints load directly with moe_jax.models.from_pretrained).")
   if os.path.abspath(src) == os.path.abspath(dst):
     raise ValueError("--dst must differ from --src.")
-  return torch_bin.bin_to_safetensors(src, dst)
+  with removed_on_failure(dst):
+    return torch_bin.bin_to_safetensors(src, dst)
 
 
 def to_orbax(src: str, dst: str, key_map: layout.KeyMap, *, config_json: dict | None = None,
@@ -68,6 +93,7 @@ def to_orbax(src: str, dst: str, key_map: layout.KeyMap, *, config_json: dict | 
   else:
     _, source = hf_io.open_safetensors(src)
   params = hf_io.assemble_params(source, key_map, dtype=dtype, place=hf_io.device_placer())
-  return orbax_io.save_params(
-      dst, params, config_json=config_json, family=family, key_map=key_map, force=force,
-      metadata={"source": os.path.abspath(src), "dtype": np.dtype(dtype).name})
+  with removed_on_failure(dst):
+    return orbax_io.save_params(
+        dst, params, config_json=config_json, family=family, key_map=key_map, force=force,
+        metadata={"source": os.path.abspath(src), "dtype": np.dtype(dtype).name})

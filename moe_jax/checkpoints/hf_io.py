@@ -41,15 +41,17 @@ _MAX_LISTED_PROBLEMS = 20
 # --- validation ---
 
 def check_tensors(key_map: layout.KeyMap, found: dict[str, TensorLocation], where: str) -> None:
-  """ValueError listing every missing, unexpected, mis-shaped or non-float tensor (up to 20)."""
+  """CheckpointError listing every missing, unexpected, mis-shaped or non-float tensor (up to 20),
+  after one line saying what to check (with the key map's `hint`)."""
   specs, tied = key_map.specs, key_map.tied_copies
   problems = []
-  for key, spec in specs.items():
+  for key, entry in specs.items():
+    spec = layout.spec_parts(entry)[0]
     if key not in found and (spec.fallback is None or spec.fallback not in found):
       problems.append(f"missing {key}: expected shape {list(spec.hf_shape)}, found no such "
                       f"tensor in {where}")
   for key, loc in found.items():
-    expected = specs[key].hf_shape if key in specs else tied.get(key)
+    expected = key_map.stored_shape(key) if key in specs else tied.get(key)
     if expected is None:
       problems.append(f"unexpected {key}: shape {list(loc.shape)} in {loc.file} has no place in "
                       "this model's parameter tree")
@@ -64,9 +66,9 @@ def check_tensors(key_map: layout.KeyMap, found: dict[str, TensorLocation], wher
     if len(problems) > len(shown):
       shown.append(f"... and {len(problems) - len(shown)} more")
     hint = f" {key_map.hint}" if key_map.hint else ""
-    raise ValueError(
-        f"checkpoint {where} does not match {key_map.describe}; {len(problems)} problem(s):\n  "
-        + "\n  ".join(shown) + f"\nCheck that config.json belongs to these weights.{hint}")
+    raise layout.CheckpointError(
+        f"checkpoint {where} does not match {key_map.describe}; check that config.json belongs "
+        f"to these weights.{hint} {len(problems)} problem(s):\n  " + "\n  ".join(shown))
 
 
 # --- import ---
@@ -112,31 +114,33 @@ def assemble_params(source, key_map: layout.KeyMap, *, dtype=jnp.float32,
     place: called once per finished leaf with its host buffer; its result becomes the leaf.
   """
   np_dtype = np.dtype(dtype)
-  specs = key_map.specs
   found = source.locate()
+  key_map = key_map.matching(found, source.describe())   # e.g. per-expert or fused experts
+  specs = key_map.specs
   check_tensors(key_map, found, source.describe())
   # How many tensors each leaf still waits for; a leaf is placed the moment it reaches 0.
-  remaining = collections.Counter(spec.path for key, spec in specs.items() if key in found)
+  remaining = collections.Counter(spec.path for key, spec in key_map.entries() if key in found)
   buffers: dict[layout.TreePath, np.ndarray] = {}
   leaves: dict[layout.TreePath, Any] = {}
   for file in source.files:
     keys = [key for key in specs if key in found and found[key].file == file]
     for key, tensor in source.read(file, keys):
-      spec = specs[key]
-      buffer = buffers.get(spec.path)
-      if buffer is None:
-        buffer = buffers[spec.path] = np.empty(key_map.leaf_shape(spec), np_dtype)
-      target = buffer if spec.expert is None else buffer[spec.expert]
-      target[...] = tensor.T if spec.transpose else tensor  # casts, e.g. bf16 -> f32
-      del tensor, target
-      remaining[spec.path] -= 1
-      if remaining[spec.path] == 0:
-        leaves[spec.path] = place(spec.path, buffers.pop(spec.path))
+      for spec in layout.spec_parts(specs[key]):
+        buffer = buffers.get(spec.path)
+        if buffer is None:
+          buffer = buffers[spec.path] = np.empty(key_map.leaf_shape(spec), np_dtype)
+        target = buffer if spec.expert is None else buffer[spec.expert]
+        target[...] = layout.to_leaf(tensor, spec)  # casts, e.g. bf16 -> f32
+        del target
+        remaining[spec.path] -= 1
+        if remaining[spec.path] == 0:
+          leaves[spec.path] = place(spec.path, buffers.pop(spec.path))
         del buffer
-  for spec in specs.values():
+      del tensor
+  for _, spec in key_map.entries():
     if spec.path not in leaves:  # absent fallback key (e.g. untied embedding transformers 4 shared)
-      leaves[spec.path] = leaves[specs[spec.fallback].path]
-  return layout.build_tree({spec.path: leaves[spec.path] for spec in specs.values()})
+      leaves[spec.path] = leaves[layout.spec_parts(specs[spec.fallback])[0].path]
+  return layout.build_tree({spec.path: leaves[spec.path] for _, spec in key_map.entries()})
 
 
 def load_params(path: str, key_map: layout.KeyMap, *, dtype=jnp.float32,
@@ -174,16 +178,16 @@ def read_config(directory: str) -> dict[str, Any]:
   if not os.path.exists(file):
     raise FileNotFoundError(f"no config.json in {directory!r}: point at a Hugging Face checkpoint "
                             "directory (config.json + model.safetensors).")
-  with open(file) as f:
-    return json.load(f)
+  return safetensors_io.read_json(file)
 
 
 # --- export ---
 
 def hf_tensor(params_leaf: np.ndarray, spec: layout.TensorSpec) -> np.ndarray:
-  """The HF tensor `spec` describes, cut from its (host) leaf: expert slice, then transpose."""
+  """The HF tensor (or, for a `part` spec, its part) `spec` describes, cut from its (host) leaf:
+  expert slice, then transpose."""
   tensor = params_leaf if spec.expert is None else params_leaf[spec.expert]
-  return tensor.T if spec.transpose else tensor
+  return tensor.swapaxes(-1, -2) if spec.transpose else tensor
 
 
 def to_host(leaf) -> np.ndarray:
@@ -259,11 +263,12 @@ def save_hf_safetensors(params, key_map: layout.KeyMap, path: str, *, config_jso
   specs = key_map.specs
   os.makedirs(path, exist_ok=True)
 
-  def stored_dtype(spec):
+  def stored_dtype(entry):
+    spec = layout.spec_parts(entry)[0]
     return np.dtype(dtype if dtype is not None else flat[spec.path].dtype)
 
-  sizes = [(key, safetensors_io.nbytes(spec.hf_shape, stored_dtype(spec)))
-           for key, spec in specs.items()]
+  sizes = [(key, safetensors_io.nbytes(key_map.stored_shape(key), stored_dtype(entry)))
+           for key, entry in specs.items()]
   shards = shard_plan(sizes, max_shard_bytes)
   names = ([WEIGHTS_NAME] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
@@ -271,19 +276,27 @@ def save_hf_safetensors(params, key_map: layout.KeyMap, path: str, *, config_jso
 
   host_leaf: dict[str, Any] = {"path": None, "array": None}  # one leaf on the host at a time
 
-  def get_tensor(key):
-    spec = specs[key]
+  def leaf_part(spec):
     if host_leaf["path"] != spec.path:
       host_leaf["array"] = None
       host_leaf["array"] = to_host(flat[spec.path])
       host_leaf["path"] = spec.path
-    return hf_tensor(host_leaf["array"], spec).astype(stored_dtype(spec), copy=False)
+    return hf_tensor(host_leaf["array"], spec)
+
+  def get_tensor(key):
+    parts = layout.spec_parts(specs[key])
+    if len(parts) == 1 and parts[0].part is None:
+      return leaf_part(parts[0]).astype(stored_dtype(parts[0]), copy=False)
+    # A fused tensor: its parts (e.g. gate and up projections), concatenated back in order.
+    ordered = sorted(parts, key=lambda spec: spec.part[1])
+    return np.concatenate([leaf_part(spec).astype(stored_dtype(spec)) for spec in ordered],
+                          axis=ordered[0].part[0])
 
   written = []
   weight_map = {}
   total = 0
   for name, keys in zip(names, shards):
-    entries = [(key, specs[key].hf_shape, stored_dtype(specs[key])) for key in keys]
+    entries = [(key, key_map.stored_shape(key), stored_dtype(specs[key])) for key in keys]
     file = os.path.join(path, name)
     total += safetensors_io.write_file(file, entries, get_tensor, metadata={"format": "pt"})
     weight_map.update({key: name for key in keys})

@@ -15,18 +15,37 @@ place and everything here stays family-agnostic.
 A leaf filled by expert slices is an expert stack <f>[E, ...]: on a mesh it is sharded over the
 expert axis on its leading E axis; every other leaf is replicated. Tree paths are tuples of dict
 keys (str) and list indices (int).
+
+Fused layouts (transformers 5 can save all experts of a layer as one 3-D tensor, and gate and up
+projections concatenated): a spec with `all_experts=True` says the stored tensor already is the
+whole expert stack, and a key whose tensor fills several leaves maps to a tuple of specs, each
+naming its `part` (axis, index, count) of the stored tensor:
+
+  key_map.specs["layers.0.mlp.experts.gate_up_proj"] == (                 # stored [E, 2 * f, d]
+      TensorSpec(("layers", 0, "mlp", "wi_gate"), (E, 2 * f, d), all_experts=True,
+                 transpose=True, part=(1, 0, 2)),                          # leaf [E, d, f]
+      TensorSpec(("layers", 0, "mlp", "wi"), ..., part=(1, 1, 2)))
+
+A family whose checkpoints come in more than one layout lists the others in `KeyMap.variants`;
+the importer picks the one the files' keys belong to (`KeyMap.matching`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 TreePath = tuple[Any, ...]
+
+
+class CheckpointError(ValueError):
+  """A checkpoint on disk that cannot be used: a truncated or corrupt file, a refused pickle,
+  tensors that do not match the model. The message names the file (and the tensor if known);
+  launch scripts print it as one line."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +59,12 @@ class TensorSpec:
     transpose: the leaf (slice) is the 2-D transpose of the stored tensor.
     fallback: key whose leaf this leaf copies when the key is absent from the files (e.g. untied
       embeddings saved by transformers 4, which always shared them), or None: the key is required.
+    all_experts: the stored tensor holds every expert on its leading axis (a fused layout), so
+      the leaf is an expert stack although `expert` is None.
+    part: (axis, index, count): the leaf is chunk `index` of `count` equal chunks of the stored
+      tensor along its axis `axis` (taken before the transpose), or None: all of it.
+
+  `transpose` swaps the last two axes (a matrix's transpose; per expert for a fused stack).
   """
 
   path: TreePath
@@ -47,6 +72,25 @@ class TensorSpec:
   expert: int | None = None
   transpose: bool = False
   fallback: str | None = None
+  all_experts: bool = False
+  part: tuple[int, int, int] | None = None
+
+
+Entry = TensorSpec | tuple[TensorSpec, ...]   # a key's spec, or one spec per part it fills
+
+
+def spec_parts(entry: Entry) -> tuple[TensorSpec, ...]:
+  """The specs of one key: (spec,) for a plain entry, the tuple of parts for a fused one."""
+  return entry if isinstance(entry, tuple) else (entry,)
+
+
+def to_leaf(tensor, spec: TensorSpec):
+  """The leaf (slice) `spec` fills, cut from its stored tensor: the part, then the transpose."""
+  if spec.part is not None:
+    axis, index, count = spec.part
+    size = tensor.shape[axis] // count
+    tensor = tensor[(slice(None),) * axis + (slice(index * size, (index + 1) * size),)]
+  return tensor.swapaxes(-1, -2) if spec.transpose else tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,32 +98,78 @@ class KeyMap:
   """A family's checkpoint layout for one model configuration.
 
   Attributes:
-    specs: checkpoint key -> `TensorSpec`, every key a checkpoint holds, in tree order.
+    specs: checkpoint key -> `TensorSpec` (or a tuple of them for a key that fills several
+      leaves), every key a checkpoint holds, in tree order.
     tied_copies: keys a checkpoint may also hold as copies of another tensor (ignored on import,
       never written), with their shapes.
     num_experts: E, the leading axis of every expert stack.
     describe: the model in the user's words, for error messages, e.g. "the SwitchConfig
       (num_experts=8, ...)".
     hint: what to check when a checkpoint does not match (appended to the error).
+    layout: the name of this table's checkpoint layout (e.g. "per-expert"), for messages.
+    variants: other layouts of the same tree: name -> specs (e.g. {"fused": ...}); see
+      `matching` and `variant`.
   """
 
-  specs: Mapping[str, TensorSpec]
+  specs: Mapping[str, Entry]
   tied_copies: Mapping[str, tuple[int, ...]]
   num_experts: int
   describe: str
   hint: str = ""
+  layout: str = "default"
+  variants: Mapping[str, Mapping[str, Entry]] = dataclasses.field(default_factory=dict)
+
+  def entries(self) -> list[tuple[str, TensorSpec]]:
+    """(key, spec) of every leaf (slice) a key fills, in tree order (a fused key once per part)."""
+    return [(key, spec) for key, entry in self.specs.items() for spec in spec_parts(entry)]
+
+  def stored_shape(self, key: str) -> tuple[int, ...]:
+    """Shape of the checkpoint tensor `key`."""
+    return tuple(spec_parts(self.specs[key])[0].hf_shape)
+
+  def variant(self, name: str) -> "KeyMap":
+    """This map with the layout `name` (one of `variants`, or its own) as its specs."""
+    tables = {self.layout: self.specs, **self.variants}
+    if name not in tables:
+      raise ValueError(f"{self.describe} has no checkpoint layout {name!r}; known: "
+                       f"{sorted(tables)}.")
+    return dataclasses.replace(self, specs=tables.pop(name), layout=name, variants=tables)
+
+  def matching(self, keys: Collection[str], where: str = "the checkpoint") -> "KeyMap":
+    """The layout the checkpoint keys `keys` belong to (this one unless they are another's).
+
+    A layout is recognised by its own keys (those no other layout has); keys of two layouts in
+    one checkpoint are a one-line `CheckpointError`.
+    """
+    tables = {self.layout: self.specs, **self.variants}
+    if len(tables) == 1:
+      return self
+    own = {name: [k for k in table if k in keys
+                  and not any(k in other for n, other in tables.items() if n != name)]
+           for name, table in tables.items()}
+    present = [name for name, found in own.items() if found]
+    if len(present) > 1:
+      examples = " and ".join(f"{name} keys (e.g. {own[name][0]})" for name in present)
+      raise CheckpointError(f"{where} mixes checkpoint layouts: {examples}; re-save it in one "
+                            "layout.")
+    return self if not present else self.variant(present[0])
 
   def leaf_shape(self, spec: TensorSpec) -> tuple[int, ...]:
     """Shape of the leaf `spec` fills: [E, in, out] for an expert slice, else the tensor's
-    (transposed if `spec.transpose`)."""
-    shape = spec.hf_shape[::-1] if spec.transpose else spec.hf_shape
+    (its part, with the last two axes swapped if `spec.transpose`)."""
+    shape = list(spec.hf_shape)
+    if spec.part is not None:
+      axis, _, count = spec.part
+      shape[axis] //= count
+    if spec.transpose:
+      shape[-2], shape[-1] = shape[-1], shape[-2]
     if spec.expert is not None:
-      shape = (self.num_experts,) + tuple(shape)
+      shape = [self.num_experts] + shape
     return tuple(shape)
 
   def leaf_shapes(self) -> dict[TreePath, tuple[int, ...]]:
     """{tree path: leaf shape} of every leaf, in tree order."""
-    return {spec.path: self.leaf_shape(spec) for spec in self.specs.values()}
+    return {spec.path: self.leaf_shape(spec) for _, spec in self.entries()}
 
   def param_shapes(self, dtype=jnp.float32) -> dict[str, Any]:
     """The parameter tree as `jax.ShapeDtypeStruct` leaves (no memory allocated)."""
@@ -87,8 +177,9 @@ class KeyMap:
                        for path, shape in self.leaf_shapes().items()})
 
   def expert_paths(self) -> frozenset[TreePath]:
-    """Tree paths of the expert stacks (the leaves filled by expert slices)."""
-    return frozenset(spec.path for spec in self.specs.values() if spec.expert is not None)
+    """Tree paths of the expert stacks (the leaves filled by expert slices or fused stacks)."""
+    return frozenset(spec.path for _, spec in self.entries()
+                     if spec.expert is not None or spec.all_experts)
 
 
 def build_tree(leaves: dict[TreePath, Any]) -> dict[str, Any]:

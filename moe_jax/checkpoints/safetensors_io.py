@@ -23,7 +23,9 @@ import struct
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+from moe_jax.checkpoints.layout import CheckpointError
 
 # numpy dtype name -> safetensors dtype code
 DTYPE_CODES = {
@@ -57,9 +59,12 @@ class ShardReader:
 
   def _open(self):
     if self._handle is None:
-      self._handle = safe_open(self.path, framework="numpy")
-      self._handle.__enter__()
-      self._read_since_open = 0
+      try:
+        handle = safe_open(self.path, framework="numpy")
+        handle.__enter__()
+      except SafetensorError as e:
+        raise unreadable(self.path, e) from None
+      self._handle, self._read_since_open = handle, 0
     return self._handle
 
   def close(self) -> None:
@@ -72,16 +77,31 @@ class ShardReader:
     handle = self._open()
     out = {}
     for key in handle.keys():
-      tensor_slice = handle.get_slice(key)
-      out[key] = (tuple(tensor_slice.get_shape()), str(tensor_slice.get_dtype()))
+      try:
+        tensor_slice = handle.get_slice(key)
+        out[key] = (tuple(tensor_slice.get_shape()), str(tensor_slice.get_dtype()))
+      except SafetensorError as e:
+        raise unreadable(self.path, e, key) from None
     return out
 
   def get(self, key: str) -> np.ndarray:
-    array = self._open().get_tensor(key)
+    try:
+      array = self._open().get_tensor(key)
+    except SafetensorError as e:
+      raise unreadable(self.path, e, key) from None
     self._read_since_open += array.nbytes
     if self._read_since_open >= self.reopen_bytes:
       self.close()  # unmap: drops the file-backed pages this handle touched from our RSS
     return array
+
+
+def unreadable(path: str, error: Exception, key: str | None = None) -> CheckpointError:
+  """The one-line error for a file safetensors cannot read (truncated, corrupt, not safetensors)."""
+  tensor = f" (tensor {key!r})" if key else ""
+  size = os.path.getsize(path) if os.path.exists(path) else 0
+  return CheckpointError(f"{path}{tensor} is not a readable safetensors file ({size} bytes; "
+                         f"safetensors says: {error}); it is truncated or corrupt: download or "
+                         "convert it again.")
 
 
 # --- a checkpoint's files ---
@@ -114,15 +134,16 @@ class SafetensorsSource:
       with ShardReader(file) as reader:
         for key, (shape, dtype) in reader.infos().items():
           if key in found:
-            raise ValueError(f"tensor {key!r} is stored twice: in {found[key].file} and {file}; "
-                             "re-export the checkpoint.")
+            raise CheckpointError(f"tensor {key!r} is stored twice: in {found[key].file} and "
+                                  f"{file}; re-export the checkpoint.")
           found[key] = TensorLocation(shape, dtype, file)
     for key, name in (self.weight_map or {}).items():
       expected_file = os.path.join(os.path.dirname(self.index_file), name)
       if key not in found or os.path.abspath(found[key].file) != os.path.abspath(expected_file):
         where = found[key].file if key in found else "no shard"
-        raise ValueError(f"{self.index_file} maps {key!r} to {name}, but it is in {where}; the "
-                         "index and its shards disagree: re-download or re-export the checkpoint.")
+        raise CheckpointError(f"{self.index_file} maps {key!r} to {name}, but it is in {where}; "
+                              "the index and its shards disagree: re-download or re-export the "
+                              "checkpoint.")
     return found
 
   def read(self, file: str, keys: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
@@ -132,14 +153,14 @@ class SafetensorsSource:
         yield key, reader.get(key)
 
 
-def _bin_refusal(path: str) -> ValueError:
+def _bin_refusal(path: str) -> CheckpointError:
   directory = path if os.path.isdir(path) else os.path.dirname(path) or "."
-  return ValueError(
+  return CheckpointError(
       f"{path!r} holds PyTorch pickle weights (pytorch_model*.bin), which moe_jax does not load "
-      "(unpickling can run code). Convert them once to safetensors with\n"
-      f"  python launch/convert_hf.py --src={directory} --dst={directory.rstrip('/')}-safetensors\n"
-      "(needs torch; it loads with weights_only=True), or download the repository's "
-      "model.safetensors files (for some checkpoints they are on a refs/pr/N revision).")
+      "(unpickling can run code). Convert them once to safetensors with `python "
+      f"launch/convert_hf.py --src={directory} --dst={directory.rstrip('/')}-safetensors` "
+      "(needs torch; it reads tensors only), or download the repository's model.safetensors "
+      "files (for some checkpoints they are on a refs/pr/N revision).")
 
 
 def open_safetensors(path: str) -> tuple[str, SafetensorsSource]:
@@ -155,8 +176,8 @@ def open_safetensors(path: str) -> tuple[str, SafetensorsSource]:
       return directory, _source_from_index(path)
     if name.endswith(".safetensors"):
       return directory, SafetensorsSource([path])
-    raise ValueError(f"{path!r} is neither a .safetensors file nor a *.index.json; point at a "
-                     "Hugging Face checkpoint directory.")
+    raise CheckpointError(f"{path!r} is neither a .safetensors file nor a *.index.json; point at "
+                          "a Hugging Face checkpoint directory.")
   index = os.path.join(path, INDEX_NAME)
   single = os.path.join(path, WEIGHTS_NAME)
   if os.path.exists(index):
@@ -173,13 +194,22 @@ def open_safetensors(path: str) -> tuple[str, SafetensorsSource]:
                           "Hugging Face checkpoint directory.")
 
 
+def read_json(file: str):
+  """The JSON content of `file`; CheckpointError naming the file if it is not valid JSON."""
+  try:
+    with open(file) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{file} is not valid JSON ({e}); it is truncated or corrupt: download "
+                          "it again.") from None
+
+
 def _source_from_index(index_file: str) -> SafetensorsSource:
-  with open(index_file) as f:
-    index = json.load(f)
-  weight_map = index.get("weight_map")
+  index = read_json(index_file)
+  weight_map = index.get("weight_map") if isinstance(index, dict) else None
   if not isinstance(weight_map, dict) or not weight_map:
-    raise ValueError(f"{index_file} has no 'weight_map' {{tensor name: shard file}}; it is not a "
-                     "safetensors index.")
+    raise CheckpointError(f"{index_file} has no 'weight_map' {{tensor name: shard file}}; it is "
+                          "not a safetensors index.")
   directory = os.path.dirname(index_file)
   names = sorted(set(weight_map.values()))
   files = [os.path.join(directory, n) for n in names]

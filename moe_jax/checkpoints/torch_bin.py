@@ -3,8 +3,10 @@
 Needs torch (the `peer` extra); importing this module without it is fine, calling it is not.
 Every load is `torch.load(file, weights_only=True, map_location="cpu", mmap=True)`: the restricted
 unpickler only rebuilds tensors and plain containers, and `mmap` leaves the tensor bytes in the
-file until they are read. As with safetensors (see `safetensors_io`), pages read through a map
-stay in our resident set until it is dropped, so the shard is re-mapped every `reopen_bytes`.
+file until they are read. A file it refuses (a pickle that needs any other object) or cannot read
+is a one-line `CheckpointError` naming it; nothing here ever retries with a full unpickler.
+As with safetensors (see `safetensors_io`), pages read through a map stay in our resident set
+until it is dropped, so the shard is re-mapped every `reopen_bytes`.
 
   bin_to_safetensors("switch-base-128", "switch-base-128-st")   # same keys, shard by shard
   params = hf_io.assemble_params(BinSource.open("switch-base-8"), key_map)
@@ -14,12 +16,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
+import warnings
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from moe_jax.checkpoints import safetensors_io
+from moe_jax.checkpoints.layout import CheckpointError
 from moe_jax.checkpoints.safetensors_io import TensorLocation
 
 BIN_NAME = "pytorch_model.bin"
@@ -44,19 +50,48 @@ def load_state_dict(file: str) -> dict:
 
 
 def _load(file: str) -> tuple[dict, bool]:
-  """(state dict, whether it is memory-mapped)."""
+  """(state dict, whether it is memory-mapped); CheckpointError naming `file` if it is refused or
+  unreadable."""
   torch = require_torch()
   mapped = True
   try:
-    state = torch.load(file, weights_only=True, map_location="cpu", mmap=True)
-  except RuntimeError as e:
-    if "mmap" not in str(e):  # only the legacy (pre zip) format cannot be mapped
-      raise
-    state = torch.load(file, weights_only=True, map_location="cpu")
-    mapped = False
+    with warnings.catch_warnings():   # e.g. "Detected pickle protocol 4": the refusal says it all
+      warnings.simplefilter("ignore", UserWarning)
+      try:
+        state = torch.load(file, weights_only=True, map_location="cpu", mmap=True)
+      except RuntimeError as e:
+        if "mmap" not in str(e):  # only the legacy (pre zip) format cannot be mapped
+          raise
+        state = torch.load(file, weights_only=True, map_location="cpu")
+        mapped = False
+  except pickle.UnpicklingError as e:
+    raise refused(file, e) from None
+  except (RuntimeError, EOFError, OSError, ValueError) as e:
+    reason = " ".join(str(e).split()).split(". ")[0]
+    raise CheckpointError(f"{file} is not a readable torch checkpoint ({reason}); it is truncated "
+                          "or corrupt: download it again.") from None
   if not isinstance(state, dict):
-    raise ValueError(f"{file} holds a {type(state).__name__}, not a state dict {{name: tensor}}.")
+    raise CheckpointError(f"{file} holds a {type(state).__name__}, not a state dict {{name: "
+                          "tensor}}; it is not a model checkpoint.")
   return state, mapped
+
+
+def refused(file: str, error: Exception) -> CheckpointError:
+  """The one-line refusal of a pickle that needs more than tensors and plain containers."""
+  message = str(error)
+  needed = re.search(r"GLOBAL ([\w.]+)", message)
+  operand = re.search(r"Unsupported operand \d+", message)
+  if needed:
+    what = f"it needs {needed.group(1)}"
+  elif operand:
+    what = f"it is not a pickle of tensors ({operand.group(0)})"
+  else:
+    what = "it holds more than tensors"
+  return CheckpointError(
+      f"{file} is refused on purpose: {what}, and moe_jax reads .bin files with torch's "
+      "weights-only unpickler, which rebuilds only tensors and plain containers, because "
+      "unpickling anything else can run code. Use the checkpoint's model*.safetensors files, or "
+      "a .bin saved as a plain state dict {name: tensor}.")
 
 
 def to_numpy(tensor) -> np.ndarray:
@@ -90,10 +125,10 @@ def bin_files(src: str) -> tuple[str, list[str], dict[str, str] | None]:
     raise FileNotFoundError(f"{src!r} does not exist.")
   directory = os.path.dirname(os.path.abspath(src))
   if src.endswith(".index.json"):
-    with open(src) as f:
-      weight_map = json.load(f).get("weight_map")
+    index = safetensors_io.read_json(src)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
-      raise ValueError(f"{src} has no 'weight_map'; it is not a sharded checkpoint index.")
+      raise CheckpointError(f"{src} has no 'weight_map'; it is not a sharded checkpoint index.")
     files = [os.path.join(directory, name) for name in sorted(set(weight_map.values()))]
     missing = [f for f in files if not os.path.exists(f)]
     if missing:

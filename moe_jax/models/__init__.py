@@ -3,6 +3,7 @@
   from moe_jax import models
   model = models.from_pretrained("path/to/checkpoint", mesh=mesh)   # HF dir or moe_jax orbax dir
   family, config, params = models.load_checkpoint("path/to/checkpoint")
+  family, config = models.checkpoint_config("path/to/checkpoint")   # no weights read
   family = models.get_family("switch")                             # the family's module
   family = models.family_for_model_type("switch_transformers")     # from config.json's model_type
 
@@ -22,7 +23,12 @@ import jax
 import jax.numpy as jnp
 
 # family name -> module
-FAMILIES = {"switch": "moe_jax.models.switch"}
+FAMILIES = {
+    "switch": "moe_jax.models.switch",
+    "qwen3_moe": "moe_jax.models.qwen3_moe",
+    "mixtral": "moe_jax.models.mixtral",
+    "olmoe": "moe_jax.models.olmoe",
+}
 
 _ORBAX_MANIFEST = "moe_jax.json"   # `moe_jax.checkpoints.orbax_io.MANIFEST_NAME`
 _HF_CONFIG = "config.json"
@@ -74,23 +80,31 @@ def hf_config(directory: str):
   return family, family.Config.from_hf_dir(directory)
 
 
-def load_checkpoint(path: str, *, mesh=None, dtype=jnp.float32):
-  """(family module, its Config, params) of a moe_jax orbax or Hugging Face checkpoint directory.
-
-  With a mesh, expert stacks are sharded over its expert axis and every other leaf replicated.
-  """
+def checkpoint_config(path: str):
+  """(family module, its Config) of a moe_jax orbax or Hugging Face checkpoint directory, read
+  from its manifest / config.json only (no weights)."""
   family = checkpoint_family(path)
   if not os.path.exists(os.path.join(path, _ORBAX_MANIFEST)):
-    from moe_jax.checkpoints import hf_io  # pylint: disable=import-outside-toplevel
-    config = family.Config.from_hf_dir(path)
-    params = hf_io.load_params(path, family.hf_key_map(config), dtype=dtype, mesh=mesh)
-    return family, config, params
+    return family, family.Config.from_hf_dir(path)
   from moe_jax.checkpoints import orbax_io  # pylint: disable=import-outside-toplevel
   config_json = orbax_io.load_config(path)
   if config_json is None:
     raise ValueError(f"{path!r} was saved without its config; re-save it with "
                      "orbax_io.save_params(..., config_json=config.to_hf_dict()).")
-  config = family.Config.from_hf_dict(config_json)
+  return family, family.Config.from_hf_dict(config_json)
+
+
+def load_checkpoint(path: str, *, mesh=None, dtype=jnp.float32):
+  """(family module, its Config, params) of a moe_jax orbax or Hugging Face checkpoint directory.
+
+  With a mesh, expert stacks are sharded over its expert axis and every other leaf replicated.
+  """
+  family, config = checkpoint_config(path)
+  if not os.path.exists(os.path.join(path, _ORBAX_MANIFEST)):
+    from moe_jax.checkpoints import hf_io  # pylint: disable=import-outside-toplevel
+    params = hf_io.load_params(path, family.hf_key_map(config), dtype=dtype, mesh=mesh)
+    return family, config, params
+  from moe_jax.checkpoints import orbax_io  # pylint: disable=import-outside-toplevel
   params = orbax_io.restore_params(path, mesh=mesh)
   return family, config, jax.tree.map(lambda x: x.astype(dtype), params)
 

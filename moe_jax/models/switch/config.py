@@ -26,9 +26,10 @@ Parameter tree of a Switch model (all arrays; Dense kernels are [in, out], the t
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
+
+from moe_jax.checkpoints.safetensors_io import read_json
 
 MODEL_TYPE = "switch_transformers"   # config.json's model_type
 _HF_FIELDS = {
@@ -55,6 +56,11 @@ _HF_FIELDS = {
     "decoder_start_token_id": ("decoder_start_token_id", 0),
     "dense_act_fn": ("dense_act_fn", "relu"),
 }
+
+# config.json fields the parameter shapes depend on.
+_SHAPE_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers",
+                 "num_decoder_layers", "num_sparse_encoder_layers", "num_sparse_decoder_layers",
+                 "num_experts", "relative_attention_num_buckets", "tie_word_embeddings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +90,9 @@ class SwitchConfig:
   eos_token_id: int = 1
   decoder_start_token_id: int = 0
   dense_act_fn: str = "relu"
+  # (key, value) of each shape-defining key config.json lacked and HF's default used instead
+  # (`from_hf_dict`); named in the error when the weights do not match. Not part of equality.
+  assumed_defaults: tuple = dataclasses.field(default=(), compare=False, repr=False)
 
   def __post_init__(self):
     if self.dense_act_fn != "relu":
@@ -118,7 +127,11 @@ class SwitchConfig:
 
   @classmethod
   def from_hf_dict(cls, d: dict[str, Any]) -> "SwitchConfig":
+    """From config.json's fields; a missing field takes HF's default, as transformers does (the
+    shape-defining ones are recorded in `assumed_defaults`)."""
     kwargs = {ours: d.get(theirs, default) for ours, (theirs, default) in _HF_FIELDS.items()}
+    kwargs["assumed_defaults"] = tuple((theirs, default) for theirs, default in
+                                       (_HF_FIELDS[k] for k in _SHAPE_FIELDS) if theirs not in d)
     kwargs["encoder_sparse_step"] = d.get("encoder_sparse_step")
     kwargs["decoder_sparse_step"] = d.get("decoder_sparse_step")
     if kwargs["decoder_start_token_id"] is None:
@@ -134,12 +147,10 @@ class SwitchConfig:
     if not os.path.exists(cfg_path):
       raise FileNotFoundError(f"no config.json in {path!r}: point at a Hugging Face Switch "
                               "checkpoint directory (config.json + model.safetensors).")
-    with open(cfg_path) as f:
-      d = json.load(f)
+    d = read_json(cfg_path)
     gen_path = os.path.join(path, "generation_config.json")
     if os.path.exists(gen_path):
-      with open(gen_path) as f:
-        gen = json.load(f)
+      gen = read_json(gen_path)
       for key in ("decoder_start_token_id", "eos_token_id", "pad_token_id"):
         if gen.get(key) is not None:
           d[key] = gen[key]

@@ -1,7 +1,9 @@
 """Greedy decoding for Switch Transformers, fully jitted with fixed shapes.
 
 The encoder runs once. Decoding starts from `decoder_start_token_id` and runs a `lax.while_loop`
-over at most `max_new_tokens` steps, stopping early once every row has emitted `eos_token_id`.
+over at most `max_new_tokens` steps, stopping early once every row has emitted `eos_token_id`
+(`NO_EOS`: never; `SwitchModel.generate(eos_token_id=None)` passes it, as transformers'
+`generate(eos_token_id=None)` does not stop at any token).
 
 Output: <int32>[B, 1 + max_new_tokens], the start token followed by the generated tokens. As in
 Hugging Face greedy `generate`, once a row has emitted eos, the rest of that row is `pad_token_id`.
@@ -28,6 +30,8 @@ from moe_jax.models.switch import stack as switch_stack
 from moe_jax.models.switch.config import SwitchConfig
 from moe_jax.moe_fn import MoEFn
 
+NO_EOS = -1   # an eos id no token matches: decode all `max_new_tokens` steps
+
 
 def greedy_generate(params: dict, cfg: SwitchConfig, input_ids: jax.Array,
                     attention_mask: jax.Array, *, max_new_tokens: int, use_cache: bool,
@@ -42,7 +46,8 @@ def greedy_generate(params: dict, cfg: SwitchConfig, input_ids: jax.Array,
     attention_mask: <int or bool>[B, Ls].
     max_new_tokens: decoding steps at most.
     use_cache: cached (True) or recompute-the-prefix (False) decoding.
-    eos_token_id: a row is finished once it emits this id (a negative id never matches).
+    eos_token_id: a row is finished once it emits this id (`NO_EOS`, or any negative id, never
+      matches).
     pad_token_id: fills finished rows.
     moe_fn: the sparse-FFN hook.
 

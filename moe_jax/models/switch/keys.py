@@ -84,5 +84,10 @@ def hf_key_map(config: SwitchConfig) -> KeyMap:
               f"{c.num_decoder_layers}, sparse encoder blocks {list(c.sparse_blocks('encoder'))}, "
               f"decoder {list(c.sparse_blocks('decoder'))}, "
               f"tie_word_embeddings={c.tie_word_embeddings})")
+  hint = "(Switch checkpoints with router_bias are not supported.)"
+  if c.assumed_defaults:
+    missing = ", ".join(key for key, _ in c.assumed_defaults)
+    assumed = ", ".join(f"{key}={value}" for key, value in c.assumed_defaults)
+    hint = f"config.json has no {missing}; assumed HF's default {assumed}. " + hint
   return KeyMap(specs=hf_tensor_specs(c), tied_copies=tied_copies(c), num_experts=c.num_experts,
-                describe=describe, hint="(Switch checkpoints with router_bias are not supported.)")
+                describe=describe, hint=hint)

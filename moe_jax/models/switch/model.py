@@ -36,6 +36,16 @@ __all__ = [
 ]
 
 
+class _CheckpointEos:
+  """The default of `SwitchModel.generate(eos_token_id=...)`: the checkpoint's own eos."""
+
+  def __repr__(self):
+    return "<the checkpoint's eos>"
+
+
+_CHECKPOINT_EOS = _CheckpointEos()
+
+
 @struct.dataclass
 class RouterOutput:
   """Per sparse block routing of both stacks, and HF's router losses per stack.
@@ -168,7 +178,7 @@ class SwitchModel:
                         output_router=output_router)
 
   def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int,
-               use_cache: bool = True, eos_token_id: int | None = None,
+               use_cache: bool = True, eos_token_id: int | None = _CHECKPOINT_EOS,
                moe_fn: MoEFn | None = None) -> jax.Array:
     """Greedy decoding: <int32>[B, 1 + max_new_tokens] (see `generate.py`).
 
@@ -176,13 +186,18 @@ class SwitchModel:
       input_ids, attention_mask: the encoder input <int32>[B, Ls] and its mask.
       max_new_tokens: decoding steps at most.
       use_cache: KV-cached steps (True) or recompute the decoder over the prefix (False).
-      eos_token_id: None uses `config.eos_token_id`; a negative id disables stopping.
+      eos_token_id: as transformers' `generate`: omitted, a row stops at the checkpoint's eos
+        (`config.eos_token_id`, which `generation_config.json` overrides); an id, at that id;
+        None, never (every row runs `max_new_tokens` steps).
       moe_fn: optional hashable sparse-FFN hook.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
     input_ids, attention_mask = self._check_batch(input_ids, attention_mask)
-    eos = self.config.eos_token_id if eos_token_id is None else int(eos_token_id)
+    if eos_token_id is _CHECKPOINT_EOS:
+      eos = self.config.eos_token_id
+    else:
+      eos = switch_generate.NO_EOS if eos_token_id is None else int(eos_token_id)
     return _generate_jit(self.params, input_ids, attention_mask, cfg=self.config,
                          moe_fn=moe_fn or self.moe_fn, max_new_tokens=max_new_tokens,
                          use_cache=bool(use_cache), eos_token_id=eos,
@@ -264,7 +279,7 @@ def config_from_dict(model_dict: Any) -> SwitchConfig:
   """A `SwitchConfig` from a dict / `ml_collections.ConfigDict` of its fields (configs/*.py)."""
   if hasattr(model_dict, "to_dict"):
     model_dict = model_dict.to_dict()
-  known = {f.name for f in dataclasses.fields(SwitchConfig)}
+  known = {f.name for f in dataclasses.fields(SwitchConfig) if f.compare}
   unknown = sorted(set(model_dict) - known)
   if unknown:
     raise ValueError(f"unknown SwitchConfig fields {unknown}; allowed: {sorted(known)}.")

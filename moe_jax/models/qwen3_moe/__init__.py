@@ -1,0 +1,40 @@
+"""The Qwen3-MoE family (Hugging Face `qwen3_moe`): a decoder with per-head q/k norm and top-k
+softmax-routed SwiGLU experts.
+
+  from moe_jax.models import qwen3_moe
+  model = qwen3_moe.from_pretrained("path/to/Qwen3-30B-A3B", mesh=mesh)   # config + safetensors
+  out = model(input_ids, attention_mask=am, output_router=True)
+  tokens = model.generate(input_ids, attention_mask=am, max_new_tokens=16)   # KV-cached greedy
+
+The family interface is the one every family of `moe_jax.models` exposes (see
+`moe_jax.models.switch`); everything but the config lives in `moe_jax.models.decoder`.
+"""
+
+import functools
+
+from moe_jax.models import decoder
+from moe_jax.models.decoder import (
+    batch_tokens, forward_batch, generated_ids, hf_key_map, init_params, loss, moe_config,
+    moe_layers, prompt_ids, prompt_pass, random_params, text_windows)
+from moe_jax.models.qwen3_moe.config import MODEL_TYPE, Qwen3MoeConfig
+
+
+class Qwen3MoeModel(decoder.DecoderModel):
+  """A Qwen3-MoE model (see `moe_jax.models.decoder.DecoderModel`)."""
+
+  config_class = Qwen3MoeConfig
+
+
+NAME = "qwen3_moe"
+MODEL_TYPES = (MODEL_TYPE,)
+Config = Qwen3MoeConfig
+Model = Qwen3MoeModel
+from_pretrained = Qwen3MoeModel.from_pretrained
+config_from_dict = functools.partial(decoder.config_from_dict, Qwen3MoeConfig)
+
+__all__ = [
+    "MODEL_TYPES", "NAME", "Config", "Model", "Qwen3MoeConfig", "Qwen3MoeModel", "batch_tokens",
+    "config_from_dict", "forward_batch", "from_pretrained", "generated_ids", "hf_key_map",
+    "init_params", "loss", "moe_config", "moe_layers", "prompt_ids", "prompt_pass",
+    "random_params", "text_windows",
+]
