@@ -80,9 +80,10 @@ def override_error(error: Exception, default: str) -> str:
   """One line for a failed --config.* override: the first key that is not in the config tree
   with the valid keys closest to it, else config_flags' own message without its newlines."""
   message = " ".join(str(error).strip("'\"").replace("\\n", " ").replace("\\'", "'").split())
-  tree = _config_paths(_config_spec(default))
+  spec = _config_spec(default)
+  tree = _config_paths(spec)
   if tree is None:
-    return f"bad --config override: {message}"
+    return f"--config={spec} does not load: {last_line(error)}"
   for key in _override_keys():
     if key in tree or any(path.startswith(key + ".") for path in tree):
       continue
@@ -101,6 +102,21 @@ def override_error(error: Exception, default: str) -> str:
     return (f"--config.{key} is not a config key;{hint} the keys of {group} are: "
             f"{', '.join(siblings)}.")
   return f"bad --config override: {message}"
+
+
+def last_line(error: Exception) -> str:
+  """The last non-empty line of an error's message (the exception of an embedded traceback)."""
+  lines = [line.strip() for line in str(error).replace("\\n", "\n").splitlines() if line.strip()]
+  return lines[-1] if lines else type(error).__name__
+
+
+def flag_error(error: Exception) -> str:
+  """absl's message for a bad flag value in one line: "flag --NAME=VALUE: <the last line>"."""
+  lines = str(error).strip().splitlines()
+  head = re.match(r"(flag --\S+): ", lines[0]) if lines else None
+  if len(lines) <= 1 or head is None:
+    return " ".join(str(error).split())
+  return f"{head.group(1)}: {last_line(error)}"
 
 
 def _config_spec(default: str) -> str:
@@ -196,9 +212,12 @@ def run(main, *, multi_process: bool = True) -> None:
 
   def parse_flags(argv):
     try:
-      return flags.FLAGS(argv)
+      rest = flags.FLAGS(argv)
+      if "config" in flags.FLAGS:
+        flags.FLAGS.config.to_dict()   # config_flags defers a failed --config=FILE to first use
+      return rest
     except flags.Error as e:                    # a bad flag value, an unknown flag
-      _exit_usage(" ".join(str(e).split()))
+      _exit_usage(flag_error(e))
     except Exception as e:  # pylint: disable=broad-except  (config_flags raises many kinds)
       if _DEFAULT_CONFIG is None:
         raise

@@ -51,7 +51,9 @@ def main(argv):
   logging.info("loaded in %.1f s; generating up to %d tokens for %d prompt(s) of up to %d tokens "
                "(the first call compiles)",
                time.perf_counter() - start, f.max_new_tokens, len(rows), max(map(len, rows)))
-  input_ids, mask = workflows.pad_batch(rows, mesh.shape["data"], cfg.pad_token_id)
+  pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0   # masked: any id will do
+  input_ids, mask = workflows.pad_batch(rows, mesh.shape["data"], pad_id,
+                                       side=family.PADDING_SIDE)
   start = time.perf_counter()
   tokens = distributed.gather(model.generate(input_ids, attention_mask=mask,
                                             max_new_tokens=f.max_new_tokens,
@@ -66,7 +68,7 @@ def main(argv):
   if jax.process_index() != 0:
     return
   for i, row in enumerate(tokens[:len(rows)]):
-    ids = family.generated_ids(row, cfg)
+    ids = family.generated_ids(row, cfg, prompt_length=input_ids.shape[1])
     text = tokenizer.decode(ids) if tokenizer is not None else ""
     print(f"[{i}] ids: {ids}")
     if text:

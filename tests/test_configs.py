@@ -166,3 +166,13 @@ def test_unreadable_checkpoint_is_one_line_naming_the_file(tmp_path):
   message = str(error.value)
   assert f"{tmp_path}/model.safetensors is not a readable safetensors file" in message
   assert "\n" not in message and message.endswith(f"(--config.checkpoint={tmp_path})")
+
+
+def test_windows_longer_than_the_text_name_the_flags():
+  config = presets.switch_tiny()
+  config.data.encoder_len = 100000
+  job = config_lib.from_tree(config)
+  with pytest.raises(config_lib.UsageError, match=r"shorter than one window of 100064; .*"
+                     r"\(held_out text; --config.data.decoder_len=64, "
+                     r"--config.data.encoder_len=100000\)"):
+    workflows.pydoc_windows(job, runtime.load_tokenizer(job), "held_out")

@@ -121,6 +121,8 @@ def test_demo_layer():
      "--config.nonexistent is not a config key; the keys of --config are: bench, checkpoint,"),
     ("bench.py", ["--config=configs/bench.py", "--config.bench.polices=none"],   # parsed later
      "did you mean --config.bench.policies?"),
+    ("bench.py", ["--config=configs/bench.py:modle=x"],     # the config file's own ValueError
+     "flag --config=configs/bench.py:modle=x: ValueError: configs/bench.py: unknown options"),
     ("infer.py", ["--config.seed=abc"], "flag --config.seed=abc:"),
     ("infer.py", ["--config.execution.capacity_mode=sometimes"],
      "--config.execution: ExecutionConfig.capacity_mode='sometimes' is not one of"),

@@ -165,3 +165,28 @@ def test_stack_runner_records_count_non_finite_tokens_per_layer():
   clean = np.ones((B, L), bool)
   clean[0, 3] = False
   assert helpers.rel_err(out[clean], want[clean]) <= 1e-6
+
+
+def test_switch_router_losses_leave_out_non_finite_tokens():
+  """Switch's HF-style z/aux losses: a NaN token row is left out (not NaN), and with every row
+  finite they are unchanged."""
+  from moe_jax.models.switch import stack  # pylint: disable=import-outside-toplevel
+  logits = np.asarray(jax.random.normal(jax.random.key(3), (2, 6, 4)), np.float32)
+  bad = logits.copy()
+  bad[0, 2] = np.nan
+  z_bad, aux_bad = stack.router_z_loss(bad), stack.load_balancing_loss(bad)
+  assert np.isfinite(float(z_bad)) and np.isfinite(float(aux_bad))
+  # z: the mean over the 11 finite tokens.
+  z_rows = [jax.nn.logsumexp(logits[b, t]) ** 2
+            for b in range(2) for t in range(6) if (b, t) != (0, 2)]
+  np.testing.assert_allclose(float(z_bad), float(np.mean(z_rows)), rtol=1e-6)
+  # aux: sequence 0 over its 5 finite tokens, sequence 1 over all 6.
+  def aux_of(rows):
+    probs = [jax.nn.softmax(r, axis=-1) for r in rows]
+    routed = [jax.nn.one_hot(jnp.argmax(r, axis=-1), 4) for r in rows]
+    per = [jnp.mean(a, 0) * jnp.mean(p, 0) for a, p in zip(routed, probs)]
+    return float(jnp.mean(jnp.stack(per)) * 16)
+  np.testing.assert_allclose(float(aux_bad), aux_of([logits[0, [0, 1, 3, 4, 5]], logits[1]]),
+                             rtol=1e-6)
+  np.testing.assert_allclose(float(stack.load_balancing_loss(logits)), aux_of(list(logits)),
+                             rtol=1e-6)

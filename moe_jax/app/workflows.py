@@ -29,7 +29,11 @@ def pydoc_windows(job: Job, tokenizer, split: str) -> dict:
   texts = list((train_topics if split == "train" else held_out).values())
   stream = data_lib.token_stream(texts, tokenizer)
   stride = job.train.stride if split == "train" else None
-  return job.family.text_windows(stream, stride=stride, **dict(job.data.window))
+  try:
+    return job.family.text_windows(stream, stride=stride, **dict(job.data.window))
+  except ValueError as e:   # windows longer than the text
+    flags = ", ".join(f"--config.data.{name}={value}" for name, value in job.data.window)
+    raise UsageError(f"{e} ({split} text; {flags})") from None
 
 
 def train_on_pydoc(job: Job, out_dir: str, *, force: bool = False) -> dict:
@@ -191,16 +195,18 @@ def prompt_rows(job: Job, model_cfg, tokenizer, *, texts: list[str], ids: str) -
   return rows
 
 
-def pad_batch(rows: list[list[int]], multiple: int, pad_id: int):
-  """(<int32>[B, L] ids, mask) right-padded; B rounded up to a multiple of the data axis."""
+def pad_batch(rows: list[list[int]], multiple: int, pad_id: int, *, side: str = "right"):
+  """(<int32>[B, L] ids, mask) padded on `side` (the family's PADDING_SIDE); B rounded up to a
+  multiple of the data axis."""
   length = max(len(r) for r in rows)
   batch = -(-len(rows) // multiple) * multiple
   ids = np.full((batch, length), pad_id, np.int32)
   mask = np.zeros((batch, length), np.int32)
   for i, row in enumerate(rows):
-    ids[i, :len(row)] = row
-    mask[i, :len(row)] = 1
-  mask[len(rows):, 0] = 1   # filler rows: one visible pad token
+    span = slice(0, len(row)) if side == "right" else slice(length - len(row), length)
+    ids[i, span] = row
+    mask[i, span] = 1
+  mask[len(rows):, 0 if side == "right" else -1] = 1   # filler rows: one visible pad token
   return jnp.asarray(ids), jnp.asarray(mask)
 
 

@@ -26,6 +26,7 @@ class MixtralModel(decoder.DecoderModel):
 
 
 NAME = "mixtral"
+PADDING_SIDE = "left"        # generate takes left-padded prompts
 MODEL_TYPES = (MODEL_TYPE,)
 Config = MixtralConfig
 Model = MixtralModel
@@ -33,8 +34,8 @@ from_pretrained = MixtralModel.from_pretrained
 config_from_dict = functools.partial(decoder.config_from_dict, MixtralConfig)
 
 __all__ = [
-    "MODEL_TYPES", "NAME", "Config", "MixtralConfig", "MixtralModel", "Model", "batch_tokens",
-    "config_from_dict", "forward_batch", "from_pretrained", "generated_ids", "hf_key_map",
-    "init_params", "loss", "moe_config", "moe_layers", "prompt_ids", "prompt_pass",
+    "MODEL_TYPES", "NAME", "PADDING_SIDE", "Config", "MixtralConfig", "MixtralModel", "Model",
+    "batch_tokens", "config_from_dict", "forward_batch", "from_pretrained", "generated_ids",
+    "hf_key_map", "init_params", "loss", "moe_config", "moe_layers", "prompt_ids", "prompt_pass",
     "random_params", "text_windows",
 ]

@@ -26,6 +26,7 @@ class OlmoeModel(decoder.DecoderModel):
 
 
 NAME = "olmoe"
+PADDING_SIDE = "left"        # generate takes left-padded prompts
 MODEL_TYPES = (MODEL_TYPE,)
 Config = OlmoeConfig
 Model = OlmoeModel
@@ -33,8 +34,8 @@ from_pretrained = OlmoeModel.from_pretrained
 config_from_dict = functools.partial(decoder.config_from_dict, OlmoeConfig)
 
 __all__ = [
-    "MODEL_TYPES", "NAME", "Config", "OlmoeConfig", "OlmoeModel", "Model", "batch_tokens",
-    "config_from_dict", "forward_batch", "from_pretrained", "generated_ids", "hf_key_map",
-    "init_params", "loss", "moe_config", "moe_layers", "prompt_ids", "prompt_pass",
+    "MODEL_TYPES", "NAME", "PADDING_SIDE", "Config", "Model", "OlmoeConfig", "OlmoeModel",
+    "batch_tokens", "config_from_dict", "forward_batch", "from_pretrained", "generated_ids",
+    "hf_key_map", "init_params", "loss", "moe_config", "moe_layers", "prompt_ids", "prompt_pass",
     "random_params", "text_windows",
 ]

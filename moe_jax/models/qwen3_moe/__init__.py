@@ -26,6 +26,7 @@ class Qwen3MoeModel(decoder.DecoderModel):
 
 
 NAME = "qwen3_moe"
+PADDING_SIDE = "left"        # generate takes left-padded prompts
 MODEL_TYPES = (MODEL_TYPE,)
 Config = Qwen3MoeConfig
 Model = Qwen3MoeModel
@@ -33,8 +34,8 @@ from_pretrained = Qwen3MoeModel.from_pretrained
 config_from_dict = functools.partial(decoder.config_from_dict, Qwen3MoeConfig)
 
 __all__ = [
-    "MODEL_TYPES", "NAME", "Config", "Model", "Qwen3MoeConfig", "Qwen3MoeModel", "batch_tokens",
-    "config_from_dict", "forward_batch", "from_pretrained", "generated_ids", "hf_key_map",
-    "init_params", "loss", "moe_config", "moe_layers", "prompt_ids", "prompt_pass",
+    "MODEL_TYPES", "NAME", "PADDING_SIDE", "Config", "Model", "Qwen3MoeConfig", "Qwen3MoeModel",
+    "batch_tokens", "config_from_dict", "forward_batch", "from_pretrained", "generated_ids",
+    "hf_key_map", "init_params", "loss", "moe_config", "moe_layers", "prompt_ids", "prompt_pass",
     "random_params", "text_windows",
 ]

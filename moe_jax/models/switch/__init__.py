@@ -35,14 +35,15 @@ from moe_jax.models.switch.task import (
     text_windows)
 
 NAME = "switch"
+PADDING_SIDE = "right"       # encoder prompts are right-padded (masked)
 MODEL_TYPES = (MODEL_TYPE,)
 Config = SwitchConfig
 Model = SwitchModel
 
 __all__ = [
-    "MODEL_TYPES", "NAME", "STACKS", "Config", "Model", "RouterOutput", "SparseLayerRouting",
-    "SwitchConfig", "SwitchModel", "SwitchOutput", "batch_tokens", "check_params",
-    "config_from_dict", "forward", "forward_batch", "from_pretrained", "generated_ids",
-    "hf_key_map", "init_params", "loss", "moe_config", "moe_layers", "prompt_ids", "prompt_pass",
-    "random_params", "shift_right", "sparse_block_indices", "text_windows",
+    "MODEL_TYPES", "NAME", "PADDING_SIDE", "STACKS", "Config", "Model", "RouterOutput",
+    "SparseLayerRouting", "SwitchConfig", "SwitchModel", "SwitchOutput", "batch_tokens",
+    "check_params", "config_from_dict", "forward", "forward_batch", "from_pretrained",
+    "generated_ids", "hf_key_map", "init_params", "loss", "moe_config", "moe_layers", "prompt_ids",
+    "prompt_pass", "random_params", "shift_right", "sparse_block_indices", "text_windows",
 ]

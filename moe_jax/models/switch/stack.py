@@ -271,22 +271,37 @@ def _write_positions(buffer, update, offset):
 # --- router losses (HF semantics) ---
 
 
+def _finite_rows(router_logits):
+  """(logits with non-finite token rows zeroed, <f32>[B, T, 1] 1 for finite rows, 0 otherwise).
+
+  A token whose router input is not finite is routed nowhere (see `routing.finite_tokens`); the
+  losses leave it out, so one bad token cannot turn them NaN. With every token finite they are
+  HF's losses exactly."""
+  logits = router_logits.astype(jnp.float32)
+  finite = jnp.all(jnp.isfinite(logits), axis=-1, keepdims=True)
+  return jnp.where(finite, logits, 0.0), finite.astype(jnp.float32)
+
+
 def router_z_loss(router_logits: jax.Array) -> jax.Array:
-  """<f32>[B, T, E] -> <f32>[]: sum over tokens of logsumexp(logits)^2, divided by B * T."""
-  batch, tokens, _ = router_logits.shape
-  log_z = jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1)
-  return jnp.sum(jnp.square(log_z)) / (batch * tokens)
+  """<f32>[B, T, E] -> <f32>[]: sum over (finite) tokens of logsumexp(logits)^2, divided by their
+  number (B * T when all are finite)."""
+  logits, finite = _finite_rows(router_logits)
+  log_z = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+  return jnp.sum(jnp.square(log_z) * finite) / jnp.maximum(jnp.sum(finite), 1.0)
 
 
 def load_balancing_loss(router_logits: jax.Array) -> jax.Array:
   """<f32>[B, T, E] -> <f32>[]: E^2 * mean over (b, e) of fraction routed * mean probability.
 
-  The fraction uses the argmax of the raw logits before capacity (transformers 5 / flaxformer).
+  The fraction uses the argmax of the raw logits before capacity (transformers 5 / flaxformer);
+  both means run over the finite tokens of each sequence.
   """
-  num_experts = router_logits.shape[-1]
-  probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
-  routed = jax.nn.one_hot(jnp.argmax(router_logits, axis=-1), num_experts, dtype=jnp.float32)
-  per_group = jnp.mean(routed, axis=1) * jnp.mean(probs, axis=1)              # [B, E]
+  logits, finite = _finite_rows(router_logits)
+  num_experts = logits.shape[-1]
+  probs = jax.nn.softmax(logits, axis=-1) * finite
+  routed = jax.nn.one_hot(jnp.argmax(logits, axis=-1), num_experts, dtype=jnp.float32) * finite
+  count = jnp.maximum(jnp.sum(finite, axis=1), 1.0)                            # [B, 1]
+  per_group = (jnp.sum(routed, axis=1) / count) * (jnp.sum(probs, axis=1) / count)   # [B, E]
   return jnp.mean(per_group) * num_experts ** 2
 
 

@@ -94,9 +94,11 @@ def prompt_ids(tokenizer, text: str, cfg: SwitchConfig) -> list[int]:
   return list(tokenizer.encode(text)) + [cfg.eos_token_id]
 
 
-def generated_ids(row, cfg: SwitchConfig) -> list[int]:
+def generated_ids(row, cfg: SwitchConfig, *, prompt_length: int | None = None) -> list[int]:
   """The new tokens of one `generate` row <int32>[1 + N]: after the start token, without
-  padding, up to (not including) the first eos."""
+  padding, up to (not including) the first eos. (A Switch row holds only decoder tokens, so
+  `prompt_length`, which decoder-only families need, is not used.)"""
+  del prompt_length
   ids = [int(t) for t in row[1:] if int(t) != cfg.pad_token_id]
   return ids[:ids.index(cfg.eos_token_id)] if cfg.eos_token_id in ids else ids
 
