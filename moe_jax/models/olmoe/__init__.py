@@ -10,12 +10,9 @@ The family interface is the one every family of `moe_jax.models` exposes (see
 `moe_jax.models.switch`); everything but the config lives in `moe_jax.models.decoder`.
 """
 
-import functools
-
 from moe_jax.models import decoder
-from moe_jax.models.decoder import (
-    batch_tokens, forward_batch, generated_ids, hf_key_map, init_params, loss, moe_config,
-    moe_layers, prompt_ids, prompt_pass, random_params, text_windows)
+from moe_jax.models.decoder import interface
+from moe_jax.models.decoder.interface import *  # noqa: F401,F403  (the shared interface)
 from moe_jax.models.olmoe.config import MODEL_TYPE, OlmoeConfig
 
 
@@ -26,16 +23,10 @@ class OlmoeModel(decoder.DecoderModel):
 
 
 NAME = "olmoe"
-PADDING_SIDE = "left"        # generate takes left-padded prompts
 MODEL_TYPES = (MODEL_TYPE,)
 Config = OlmoeConfig
 Model = OlmoeModel
 from_pretrained = OlmoeModel.from_pretrained
-config_from_dict = functools.partial(decoder.config_from_dict, OlmoeConfig)
+config_from_dict = interface.config_for(OlmoeConfig)
 
-__all__ = [
-    "MODEL_TYPES", "NAME", "PADDING_SIDE", "Config", "Model", "OlmoeConfig", "OlmoeModel",
-    "batch_tokens", "config_from_dict", "forward_batch", "from_pretrained", "generated_ids",
-    "hf_key_map", "init_params", "loss", "moe_config", "moe_layers", "prompt_ids", "prompt_pass",
-    "random_params", "text_windows",
-]
+__all__ = interface.__all__ + interface.FAMILY_NAMES + ["OlmoeConfig", "OlmoeModel"]
