@@ -230,8 +230,9 @@ def _join_job(distributed, config_lib, multi_process: bool) -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
   script = os.path.basename(sys.argv[0])
   if not multi_process and (flags.FLAGS.num_processes or 1) > 1:
-    raise config_lib.UsageError(f"{script} runs as one process; drop --coordinator/--num_processes/"
-                             "--process_id (multi-process: launch/bench.py, launch/infer.py, "
-                             "launch/demo_layer.py, launch/distributed_demo.py).")
+    raise config_lib.UsageError(
+        f"{script} runs as one process; drop --coordinator/--num_processes/--process_id "
+        "(multi-process: launch/bench.py, launch/infer.py, launch/demo_layer.py, "
+        "launch/distributed_demo.py).")
   if multi_process:
     distributed.initialize_from_flags()

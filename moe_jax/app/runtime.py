@@ -116,15 +116,16 @@ def load_model(job: Job, *, mesh=None, dtype=jnp.float32):
   """
   path = checkpoint_dir(job)
   family, config = checkpoint_config(job)
+  if family is not job.family:
+    raise UsageError(f"checkpoint {job.checkpoint!r} holds a {family.NAME!r} model but "
+                     f"--config.model.family={job.family.NAME!r}; change one of them.")
   if mesh is not None:
     check_experts_fit(family.moe_config(config, dtype).num_experts, mesh, job.mesh)
   try:
-    model = models.from_pretrained(path, mesh=mesh, dtype=dtype, execution=job.execution)
+    params = models.load_params(path, family, config, mesh=mesh, dtype=dtype)
   except (FileNotFoundError, CheckpointError) as e:
     raise _checkpoint_error(e, job) from None
-  if not isinstance(model, job.family.Model):
-    raise UsageError(f"checkpoint {job.checkpoint!r} holds a {type(model).__name__} but "
-                     f"--config.model.family={job.family.NAME!r}; change one of them.")
+  model = family.Model(config, params, mesh=mesh, execution=job.execution)
   return model, data_lib.load_tokenizer(path)
 
 

@@ -80,15 +80,15 @@ def train_on_pydoc(job: Job, out_dir: str, *, force: bool = False) -> dict:
   return summary
 
 
-class _LoadCounter:
-  """A `moe_fn` hook that keeps every MoE layer's tokens per expert ("stack/index" -> [E])."""
+class _LayerStats:
+  """A `moe_fn` hook around `inner` keeping each MoE layer's MoEStats ("stack/index" -> stats)."""
 
   def __init__(self, inner):
-    self.inner, self.counts = inner, {}
+    self.inner, self.stats = inner, {}
 
   def moe_fn(self, stack, index, ff_params, x, routing):
     y, stats = self.inner(stack, index, ff_params, x, routing)
-    self.counts[f"{stack}/{index}"] = stats.tokens_per_expert
+    self.stats[f"{stack}/{index}"] = stats
     return y, stats
 
 
@@ -99,20 +99,20 @@ def load_skew(job: Job, params, windows: dict) -> dict:
 
   @jax.jit
   def count(params, batch):
-    counter = _LoadCounter(inner)
-    family.forward_batch(params, model_cfg, batch, counter.moe_fn)
-    return counter.counts
+    recorder = _LayerStats(inner)
+    family.forward_batch(params, model_cfg, batch, recorder.moe_fn)
+    return {key: stats.tokens_per_expert for key, stats in recorder.stats.items()}
 
   params = jax.tree.map(jnp.asarray, params)
-  totals, order = {}, None
+  order = _layer_order(family.moe_layers(params, model_cfg))
+  totals = {key: 0 for key in order}
   for batch in data_lib.batches(windows, job.data.batch_size):
     counts = count(params, batch)
-    order = order or _layer_order(family.moe_layers(params, model_cfg))
     for key in order:
-      totals[key] = totals.get(key, 0) + np.asarray(counts[key])
-  return {key: {"tokens_per_expert": totals[key].tolist(),
-                "max_over_mean": float(totals[key].max() / max(totals[key].mean(), 1e-9))}
-          for key in (order or [])}
+      totals[key] = totals[key] + np.asarray(counts[key])
+  return {key: {"tokens_per_expert": np.asarray(total).tolist(),
+                "max_over_mean": float(np.max(total) / max(np.mean(total), 1e-9))}
+          for key, total in totals.items()}
 
 
 def _layer_order(layers: dict) -> list[str]:
@@ -213,22 +213,14 @@ def pad_batch(rows: list[list[int]], multiple: int, pad_id: int, *, side: str = 
 def replica_bytes_of(job: Job, model, input_ids, mask) -> float:
   """Expert-weight bytes the model's own MoE hook moves into replica slots over the prompt pass
   (summed over layers): 0 for `DefaultMoE`, which runs home slots only."""
-  counter = _LoadCounter(model.moe_fn)
-  moved = {}
-
-  def hook(stack, index, ff_params, x, routing):
-    y, stats = counter.moe_fn(stack, index, ff_params, x, routing)
-    moved[f"{stack}/{index}"] = stats.replica_bytes
-    return y, stats
 
   @jax.jit
   def run(params, input_ids, mask):
-    moved.clear()
-    job.family.prompt_pass(params, model.config, input_ids, mask, hook)
-    return dict(moved)
+    recorder = _LayerStats(model.moe_fn)
+    job.family.prompt_pass(params, model.config, input_ids, mask, recorder.moe_fn)
+    return sum(stats.replica_bytes for stats in recorder.stats.values())
 
-  moved = distributed.gather(run(model.params, input_ids, mask))
-  return float(sum(np.asarray(v) for v in moved.values()))
+  return float(distributed.gather(run(model.params, input_ids, mask)))
 
 
 def balance_lines(job: Job, model, input_ids, mask, mesh) -> list[str]:

@@ -94,19 +94,26 @@ def checkpoint_config(path: str):
   return family, family.Config.from_hf_dict(config_json)
 
 
+def load_params(path: str, family: types.ModuleType, config, *, mesh=None, dtype=jnp.float32):
+  """The params of a checkpoint directory whose family and Config are known (`checkpoint_config`).
+
+  With a mesh, expert stacks are sharded over its expert axis and every other leaf replicated.
+  """
+  if not os.path.exists(os.path.join(path, _ORBAX_MANIFEST)):
+    from moe_jax.checkpoints import hf_io  # pylint: disable=import-outside-toplevel
+    return hf_io.load_params(path, family.hf_key_map(config), dtype=dtype, mesh=mesh)
+  from moe_jax.checkpoints import orbax_io  # pylint: disable=import-outside-toplevel
+  params = orbax_io.restore_params(path, mesh=mesh)
+  return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
 def load_checkpoint(path: str, *, mesh=None, dtype=jnp.float32):
   """(family module, its Config, params) of a moe_jax orbax or Hugging Face checkpoint directory.
 
   With a mesh, expert stacks are sharded over its expert axis and every other leaf replicated.
   """
   family, config = checkpoint_config(path)
-  if not os.path.exists(os.path.join(path, _ORBAX_MANIFEST)):
-    from moe_jax.checkpoints import hf_io  # pylint: disable=import-outside-toplevel
-    params = hf_io.load_params(path, family.hf_key_map(config), dtype=dtype, mesh=mesh)
-    return family, config, params
-  from moe_jax.checkpoints import orbax_io  # pylint: disable=import-outside-toplevel
-  params = orbax_io.restore_params(path, mesh=mesh)
-  return family, config, jax.tree.map(lambda x: x.astype(dtype), params)
+  return family, config, load_params(path, family, config, mesh=mesh, dtype=dtype)
 
 
 def from_pretrained(path: str, mesh=None, dtype=jnp.float32, execution=None):
