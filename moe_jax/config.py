@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 CAPACITY_MODES = ("dropless", "capacity")
 ACTIVATIONS = ("relu", "silu")
+ROUTERS = ("softmax", "sigmoid")       # the rules of `moe_jax.routing.ROUTERS`
 GMM_BACKENDS = ("auto", "ragged_dot", "windowed", "dense")
 ALL_TO_ALL_MODES = ("auto", "ragged", "padded", "emulated_ragged")
 
@@ -36,8 +37,16 @@ class MoEConfig:
     d_ff: hidden width of each expert FFN.
     top_k: experts chosen per token (1 = Switch).
     activation: "relu" (Switch/T5: wo(relu(wi x))) or "silu" (gated: wo(silu(wi_gate x) * wi x)).
-    renormalize: divide the chosen top-k probabilities by their sum (k >= 2 only matters).
+    renormalize: divide the chosen top-k weights by their sum (k >= 2 only matters).
     dtype: parameter and activation dtype of the experts; the router always computes in float32.
+    router: the routing rule (`moe_jax.routing.ROUTERS`): "softmax" (softmax over all experts,
+      top-k; Switch, Qwen, Mixtral, OLMoE) or "sigmoid" (sigmoid scores; selection by scores +
+      the layer's optional "router_bias" [E] within the best groups; weights from the unbiased
+      scores; DeepSeek-V3, GLM-4-MoE).
+    num_groups: sigmoid router: experts form this many contiguous groups (HF's n_group).
+    top_groups: sigmoid router: only the best `top_groups` groups are eligible (topk_group); a
+      group's score is the sum of its two best biased scores.
+    routed_scaling: the kept weights are multiplied by this (HF's routed_scaling_factor).
   """
 
   num_experts: int
@@ -47,20 +56,47 @@ class MoEConfig:
   activation: str = "relu"
   renormalize: bool = False
   dtype: str = "float32"
+  router: str = "softmax"
+  num_groups: int = 1
+  top_groups: int = 1
+  routed_scaling: float = 1.0
 
   def __post_init__(self):
-    for name in ("num_experts", "d_model", "d_ff", "top_k"):
+    for name in ("num_experts", "d_model", "d_ff", "top_k", "num_groups", "top_groups"):
       _check_positive_int(type(self).__name__, name, getattr(self, name))
     if self.top_k > self.num_experts:
       raise ValueError(
           f"MoEConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}: "
           "choose top_k <= num_experts.")
     _check_choice("MoEConfig", "activation", self.activation, ACTIVATIONS)
+    _check_choice("MoEConfig", "router", self.router, ROUTERS)
+    self._check_groups()
     try:
       jnp.dtype(self.dtype)
     except TypeError as e:
       raise ValueError(f"MoEConfig.dtype={self.dtype!r} is not a dtype; use 'float32' or "
                        "'bfloat16'.") from e
+
+  def _check_groups(self):
+    if self.num_experts % self.num_groups:
+      raise ValueError(f"MoEConfig.num_groups={self.num_groups} does not divide "
+                       f"num_experts={self.num_experts}: groups are equal contiguous blocks.")
+    if self.top_groups > self.num_groups:
+      raise ValueError(f"MoEConfig.top_groups={self.top_groups} exceeds "
+                       f"num_groups={self.num_groups}.")
+    if self.num_groups > 1 and self.router != "sigmoid":
+      raise ValueError(f"MoEConfig.num_groups={self.num_groups}: group-limited selection is a "
+                       "rule of the 'sigmoid' router; set router='sigmoid' or num_groups=1.")
+    eligible = self.top_groups * (self.num_experts // self.num_groups)
+    if self.top_k > eligible:
+      raise ValueError(f"MoEConfig.top_k={self.top_k} exceeds the {eligible} experts of the "
+                       f"top_groups={self.top_groups} eligible groups.")
+    if self.num_groups > 1 and self.num_experts // self.num_groups < 2:
+      raise ValueError("MoEConfig: a group's score is the sum of its two best experts, so "
+                       "groups need >= 2 experts; lower num_groups.")
+    if (isinstance(self.routed_scaling, bool)
+        or not isinstance(self.routed_scaling, (int, float)) or self.routed_scaling <= 0):
+      raise ValueError(f"MoEConfig.routed_scaling must be > 0, got {self.routed_scaling!r}.")
 
   @property
   def jnp_dtype(self):

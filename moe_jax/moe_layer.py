@@ -73,7 +73,8 @@ class MoEStats:
 
 
 def init_moe_params(key: jax.Array, cfg: MoEConfig) -> dict:
-  """{"router": [d, E], "wi": [E, d, f], "wo": [E, f, d]} (+ "wi_gate": [E, d, f] for silu)."""
+  """{"router": [d, E], "wi": [E, d, f], "wo": [E, f, d]} (+ "wi_gate": [E, d, f] for silu,
+  "router_bias": zeros [E] for the sigmoid router)."""
   keys = jax.random.split(key, 4)
   e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
   dtype = cfg.jnp_dtype
@@ -84,6 +85,8 @@ def init_moe_params(key: jax.Array, cfg: MoEConfig) -> dict:
   }
   if cfg.gated:
     params["wi_gate"] = (jax.random.normal(keys[3], (e, d, f)) * d ** -0.5).astype(dtype)
+  if cfg.router == "sigmoid":
+    params["router_bias"] = jnp.zeros((e,), jnp.float32)
   return params
 
 
@@ -103,7 +106,7 @@ def moe_apply(params: dict, x: jax.Array, cfg: MoEConfig, *,
       with their weights; default: home slots only (r = 0).
     token_mask: optional <bool>[B, L]; False marks padding tokens (not routed, output 0).
     routing: optional precomputed `Routing` over the B * L tokens (e.g. with a router-stage
-      capacity rule applied); default: `top_k_route` with `params["router"]`.
+      capacity rule applied); default: `routing.route` by the config's rule.
 
   Returns:
     (y <f>[B, L, d], `MoEStats`). Rows of non-finite tokens are NaN; so is every row if
@@ -128,8 +131,7 @@ def _moe_apply_jit(params, x, replicas, token_mask, routing, *, cfg, execution, 
   valid = (jnp.ones((batch * length,), bool) if token_mask is None
            else jnp.asarray(token_mask, bool).reshape(-1))
   if routing is None:
-    routing = routing_lib.top_k_route(tokens, params["router"], top_k=cfg.top_k,
-                                      renormalize=cfg.renormalize, token_mask=valid)
+    routing = routing_lib.route(tokens, params, cfg, token_mask=valid)
   # A given routing may dispatch a non-finite token; it is routed nowhere all the same.
   non_finite = valid & ~routing_lib.finite_tokens(tokens, routing.logits)      # [B * L]
   dispatch_mask = routing.dispatch_mask & (valid & ~non_finite)[:, None]       # [B * L, k]
@@ -209,6 +211,11 @@ def _check_inputs(params, x, cfg, num_data, mesh, token_mask):
               "wo": (cfg.num_experts, cfg.d_ff, cfg.d_model)}
   if cfg.gated:
     expected["wi_gate"] = expected["wi"]
+  if "router_bias" in params:
+    if cfg.router != "sigmoid":
+      raise ValueError(f"params have a 'router_bias' but the {cfg.router!r} router ignores it; "
+                       "use MoEConfig(router='sigmoid') or drop the bias.")
+    expected["router_bias"] = (cfg.num_experts,)
   for name, shape in expected.items():
     if name not in params:
       raise ValueError(f"params lack {name!r} (activation={cfg.activation!r} needs "

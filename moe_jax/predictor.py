@@ -22,7 +22,7 @@ The registry (`PREDICTORS`) is the one list of kinds: the stack runner, the benc
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,10 @@ class LayerInputs:
     history: <f32>[E] layer l' load EMA over past batches.
     learned: layer-pair params of the learned predictor (None if not loaded).
     oracle: <f32>[E] layer l' true load of this batch (benchmarks only; None otherwise).
+    next_bias: <f32>[E] layer l' selection bias ("router_bias"; sigmoid routers), or None.
     top_k: experts per token (static).
+    moe_cfg: layer l' `MoEConfig` (static) when its routing rule is not plain softmax top-k:
+      predicted logits then select experts by that rule (`routing.ROUTERS`), bias included.
   """
 
   x: jax.Array
@@ -49,7 +52,9 @@ class LayerInputs:
   history: jax.Array
   learned: dict | None = None
   oracle: jax.Array | None = None
+  next_bias: jax.Array | None = None
   top_k: int = struct.field(pytree_node=False, default=1)
+  moe_cfg: Any = struct.field(pytree_node=False, default=None)
 
 
 Estimate = tuple[jax.Array, jax.Array]      # (load <f32>[E], per-token top-1 <int32>[T] or -1)
@@ -75,18 +80,20 @@ def _no_top1(inputs: LayerInputs) -> jax.Array:
   return jnp.full((inputs.x.shape[0],), -1, jnp.int32)
 
 
-def _from_logits(logits: jax.Array, top_k: int) -> Estimate:
+def _from_logits(logits: jax.Array, inputs: LayerInputs) -> Estimate:
+  """(load, top-1) of predicted layer-l' logits under layer l's routing rule."""
   finite = jnp.all(jnp.isfinite(logits), axis=-1)
-  top1 = jnp.where(finite, jnp.argmax(logits, axis=-1), -1).astype(jnp.int32)
-  return choice_counts(logits, top_k), top1
+  ids = _select(logits, inputs.top_k, inputs.moe_cfg, inputs.next_bias)
+  top1 = jnp.where(finite, ids[:, 0], -1).astype(jnp.int32)
+  return _counts(ids, finite, logits.shape[-1]), top1
 
 
 PREDICTORS = {p.name: p for p in (
     Predictor("history", "history", lambda i: (i.history.astype(jnp.float32), _no_top1(i))),
     Predictor("pregate", "hidden_state",
-              lambda i: _from_logits(pregate_logits(i.x, i.next_router), i.top_k)),
+              lambda i: _from_logits(pregate_logits(i.x, i.next_router), i)),
     Predictor("learned", "hidden_state",
-              lambda i: _from_logits(learned_logits(i.learned, i.x), i.top_k)),
+              lambda i: _from_logits(learned_logits(i.learned, i.x), i)),
     Predictor("oracle", "truth", lambda i: (i.oracle.astype(jnp.float32), _no_top1(i))),
 )}
 REPLICATING = tuple(PREDICTORS)              # the kinds that place replicas, in a fixed order
@@ -108,8 +115,20 @@ def choice_counts(logits: jax.Array, top_k: int, token_mask: jax.Array | None = 
   keep = jnp.all(jnp.isfinite(logits), axis=-1)
   if token_mask is not None:
     keep = keep & token_mask.reshape(-1).astype(bool)
+  return _counts(ids, keep, logits.shape[-1])
+
+
+def _select(logits, top_k, moe_cfg, bias) -> jax.Array:
+  """<int>[T, k] the experts `logits` <f32>[T, E] choose: softmax top-k, or `moe_cfg`'s rule."""
+  if moe_cfg is None:
+    return routing.select_top_k(logits, top_k)[1]
+  return routing.ROUTERS[moe_cfg.router](logits, bias, moe_cfg)[1]
+
+
+def _counts(ids: jax.Array, keep: jax.Array, num_experts: int) -> jax.Array:
+  """<f32>[E] choices per expert of ids <int>[T, k], rows with keep <bool>[T] only."""
   weight = jnp.broadcast_to(keep[:, None], ids.shape).astype(jnp.float32)
-  return jnp.zeros((logits.shape[-1],), jnp.float32).at[ids.reshape(-1)].add(weight.reshape(-1))
+  return jnp.zeros((num_experts,), jnp.float32).at[ids.reshape(-1)].add(weight.reshape(-1))
 
 
 def pregate_logits(x: jax.Array, next_router: jax.Array) -> jax.Array:

@@ -271,12 +271,14 @@ class StackRunner:
     """Placement + prefetch for layer `index` from the previous layer's input x."""
     if not self.replicating:
       return _no_placement(self.moe_cfg, x)
+    next_layer = self.layers[stack][index]
     inputs = predictor_lib.LayerInputs(
-        x=x.reshape(-1, x.shape[-1]), next_router=self.layers[stack][index]["router"],
+        x=x.reshape(-1, x.shape[-1]), next_router=next_layer["router"],
         history=self.state.history[stack][index],
         learned=None if self.learned is None else self.learned[stack][index - 1],
         oracle=None if self.oracle_loads is None else self.oracle_loads[stack][index],
-        top_k=self.moe_cfg.top_k)
+        next_bias=next_layer.get("router_bias"), top_k=self.moe_cfg.top_k,
+        moe_cfg=self.moe_cfg)
     if self.config.predictor == "dynamic":
       load, top1 = _select(self.policy, [predictor_lib.PREDICTORS[k].estimate(inputs)
                                          for k in DYNAMIC_KINDS])

@@ -1,4 +1,4 @@
-"""Top-k routers, computed in float32.
+"""Top-k routers, computed in float32: each routing rule is one small pure function (`ROUTERS`).
 
 The router is the only thing that decides which expert processes a token. Everything downstream
 (replica placement, permutation, dispatch) may change *where* a token-choice is computed, never
@@ -15,9 +15,14 @@ and loads; the layer makes its output NaN (`moe_layer.moe_apply`).
 
 from __future__ import annotations
 
+import types
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+Selection = tuple[Any, Any, Any]    # (weights <f32>[T, k], expert_ids <int>[T, k], scores [T, E])
 
 
 @struct.dataclass
@@ -30,10 +35,11 @@ class Routing:
     dispatch_mask: <bool>[T, k] False for choices that must not be computed (padding tokens,
       non-finite tokens, or a router-stage capacity rule). Such choices contribute 0.
     logits: <f32>[T, E] raw router logits.
-    probs: <f32>[T, E] softmax of the logits.
+    probs: <f32>[T, E] the rule's per-expert scores: softmax of the logits (softmax rule) or their
+      sigmoid (sigmoid rule).
     z_loss: <f32>[] mean over valid tokens of logsumexp(logits)^2 (valid: unmasked and finite).
     aux_loss: <f32>[] load-balancing loss E * sum_e f_e * P_e (f_e: fraction of valid token-choices
-      routed to e; P_e: mean router probability of e over valid tokens), equal to Switch's for
+      routed to e; P_e: mean score (`probs`) of e over valid tokens), equal to Switch's for
       k = 1.
     tokens_per_expert: <int32>[E] dispatched token-choices per expert.
   """
@@ -82,32 +88,97 @@ def select_top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return -negated[..., :k], indices[..., :k]
 
 
+def softmax_rule(logits: jax.Array, bias: jax.Array | None, cfg) -> Selection:
+  """Softmax over all E experts, the k most probable (Switch, Qwen, Mixtral, OLMoE).
+
+  Weights are the chosen probabilities (renormalised to sum 1 iff `cfg.renormalize`)."""
+  del bias
+  probs = jax.nn.softmax(logits, axis=-1)
+  weights, expert_ids = select_top_k(probs, cfg.top_k)                        # [T, k]
+  if cfg.renormalize:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return weights, expert_ids, probs
+
+
+def sigmoid_rule(logits: jax.Array, bias: jax.Array | None, cfg) -> Selection:
+  """DeepSeek-V3's router (also GLM-4-MoE's): sigmoid scores s; selection by s + bias.
+
+  The E experts form `cfg.num_groups` contiguous groups; a group's score is the sum of its two
+  best biased scores, and only the `cfg.top_groups` best groups are eligible. The k best eligible
+  experts by biased score are chosen; their weights are the *unbiased* s (the bias steers
+  selection only), divided by their sum (+1e-20) iff `cfg.renormalize`."""
+  scores = jax.nn.sigmoid(logits)                                             # [T, E]
+  biased = scores if bias is None else scores + bias.astype(jnp.float32)
+  if cfg.num_groups > 1:
+    grouped = biased.reshape(-1, cfg.num_groups, cfg.num_experts // cfg.num_groups)
+    group_scores = jnp.sum(select_top_k(grouped, 2)[0], axis=-1)              # [T, G]
+    _, best_groups = select_top_k(group_scores, cfg.top_groups)               # [T, top_groups]
+    eligible = jnp.any(best_groups[..., None] == jnp.arange(cfg.num_groups), axis=-2)
+    eligible = jnp.repeat(eligible, cfg.num_experts // cfg.num_groups, axis=-1)  # [T, E]
+    biased = jnp.where(eligible, biased, -jnp.inf)
+  _, expert_ids = select_top_k(biased, cfg.top_k)                             # [T, k]
+  weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
+  if cfg.renormalize:
+    weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+  return weights, expert_ids, scores
+
+
+# name -> rule(logits <f32>[T, E], bias <f32>[E] or None, MoEConfig) -> (weights <f32>[T, k],
+# expert_ids <int>[T, k], scores <f32>[T, E]). A new routing rule is one function here.
+ROUTERS = {"softmax": softmax_rule, "sigmoid": sigmoid_rule}
+
+
+def route(x: jax.Array, params: dict, cfg, *, token_mask: jax.Array | None = None) -> Routing:
+  """Route T tokens by the layer's rule (`cfg.router`), in float32.
+
+  Args:
+    x: <float>[T, d] token representations (any float dtype; cast to float32 here).
+    params: the layer's params: "router" <float>[d, E], optional "router_bias" <float>[E] (the
+      sigmoid rule's selection-only bias; HF's e_score_correction_bias).
+    cfg: the layer's `MoEConfig` (top_k, renormalize, router, groups, routed_scaling).
+    token_mask: optional <bool>[T]; False marks padding tokens, which are not dispatched and do not
+      count in the losses or loads. Tokens whose row of x or of the logits is not finite are
+      treated the same way.
+
+  Returns:
+    A `Routing` whose weights include `cfg.routed_scaling`.
+  """
+  logits = router_logits(x, params["router"])
+  weights, expert_ids, scores = ROUTERS[cfg.router](logits, params.get("router_bias"), cfg)
+  if cfg.routed_scaling != 1.0:
+    weights = weights * cfg.routed_scaling
+  return _routing(x, logits, weights, expert_ids, scores, token_mask)
+
+
+def router_logits(x: jax.Array, router_kernel: jax.Array) -> jax.Array:
+  """<f32>[T, E] = x <float>[T, d] @ router_kernel <float>[d, E], in float32."""
+  return jnp.dot(x.astype(jnp.float32), router_kernel.astype(jnp.float32),
+                 precision=jax.lax.Precision.HIGHEST)
+
+
 def top_k_route(x: jax.Array, router_kernel: jax.Array, *, top_k: int, renormalize: bool = False,
                 token_mask: jax.Array | None = None) -> Routing:
-  """Route T tokens to their top-k experts.
+  """The softmax rule without a config: softmax over all experts, top-k (see `route`).
 
   Args:
     x: <float>[T, d] token representations (any float dtype; cast to float32 here).
     router_kernel: <float>[d, E] router projection.
     top_k: experts per token.
     renormalize: make the k chosen weights sum to 1 per token.
-    token_mask: optional <bool>[T]; False marks padding tokens, which are not dispatched and do not
-      count in the losses or loads. Tokens whose row of x or of the logits is not finite are
-      treated the same way.
-
-  Returns:
-    A `Routing`.
+    token_mask: optional <bool>[T] (see `route`).
   """
-  num_tokens = x.shape[0]
-  num_experts = router_kernel.shape[-1]
+  logits = router_logits(x, router_kernel)
+  rule = types.SimpleNamespace(top_k=top_k, renormalize=renormalize)
+  weights, expert_ids, probs = softmax_rule(logits, None, rule)
+  return _routing(x, logits, weights, expert_ids, probs, token_mask)
+
+
+def _routing(x, logits, weights, expert_ids, scores, token_mask) -> Routing:
+  """The `Routing` of a rule's choice: validity, dispatch mask, losses and counts."""
+  num_tokens, top_k = expert_ids.shape
+  num_experts = logits.shape[-1]
   if token_mask is None:
     token_mask = jnp.ones((num_tokens,), bool)
-  logits = jnp.dot(x.astype(jnp.float32), router_kernel.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST)                       # [T, E]
-  probs = jax.nn.softmax(logits, axis=-1)
-  weights, expert_ids = select_top_k(probs, top_k)                            # [T, k]
-  if renormalize:
-    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   valid = token_mask & finite_tokens(x, logits)                              # [T]
   dispatch_mask = jnp.broadcast_to(valid[:, None], (num_tokens, top_k))
   num_valid = jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
@@ -115,10 +186,10 @@ def top_k_route(x: jax.Array, router_kernel: jax.Array, *, top_k: int, renormali
   z_loss = jnp.sum(jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) ** 2, 0.0)) / num_valid
   counts = expert_counts(expert_ids, dispatch_mask, num_experts)
   fraction_routed = counts.astype(jnp.float32) / (num_valid * top_k)
-  mean_prob = jnp.sum(jnp.where(valid[:, None], probs, 0.0), axis=0) / num_valid
+  mean_prob = jnp.sum(jnp.where(valid[:, None], scores, 0.0), axis=0) / num_valid
   aux_loss = num_experts * jnp.sum(fraction_routed * mean_prob)
   return Routing(expert_ids=expert_ids.astype(jnp.int32), combine_weights=weights,
-                 dispatch_mask=dispatch_mask, logits=logits, probs=probs, z_loss=z_loss,
+                 dispatch_mask=dispatch_mask, logits=logits, probs=scores, z_loss=z_loss,
                  aux_loss=aux_loss, tokens_per_expert=counts)
 
 

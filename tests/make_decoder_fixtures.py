@@ -3,7 +3,7 @@ against.
 
 Needs torch and transformers (5.24.0 was used); the tests themselves do not. Run from the repo root:
 
-  python tests/make_decoder_fixtures.py
+  python tests/make_decoder_fixtures.py [NAME ...]      # all fixtures, or only the named ones
 
 For each spec below it builds a random `*ForCausalLM` (weights redrawn so mistakes show: norm
 scales in [0.5, 1.5], small embeddings so the RMSNorm eps matters, attention-output, expert-down
@@ -13,7 +13,8 @@ tests/fixtures/decoder/<name>/ (per-expert keys, or the fused 3-D expert tensors
 files are half the size and the float32 references exact) and records, in float32 eval mode,
 into <name>/reference.npz:
   inputs: input_ids, attention_mask (a left-padded batch);
-  logits of the plain forward; aux_loss (`output_router_logits=True`);
+  logits of the plain forward; aux_loss (`output_router_logits=True`; softmax-routed families
+    only: HF computes none for DeepSeek / GLM);
   per MoE layer j ("moe{j}_" prefix): expert_index, expert_weight, router_logits (from the
     router module itself);
   greedy generations (max_new_tokens new tokens, right-filled with the pad id to full width):
@@ -24,6 +25,7 @@ Seeds whose top-k routing or greedy choices are near ties (margin < 1e-3) are re
 
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -56,6 +58,35 @@ SPECS = {
         config="OlmoeConfig", model="OlmoeForCausalLM", fused=False, seed=2,
         hf=dict(intermediate_size=8, num_hidden_layers=2, num_experts=8, norm_topk_prob=False,
                 clip_qkv=2.0, rms_norm_eps=1e-5, pad_token_id=1, tie_word_embeddings=False)),
+    # Per-expert keys; q/k/v biases; a sigmoid-gated shared expert; layer 0 dense; raw top-2.
+    "qwen2_moe": dict(
+        config="Qwen2MoeConfig", model="Qwen2MoeForCausalLM", fused=False, seed=3,
+        hf=dict(intermediate_size=40, moe_intermediate_size=8, shared_expert_intermediate_size=12,
+                num_hidden_layers=3, num_experts=8, norm_topk_prob=False, mlp_only_layers=[0],
+                qkv_bias=True, rms_norm_eps=1e-6, tie_word_embeddings=False)),
+    # Per-expert keys; MLA with a q LoRA rank and interleaved rope; sigmoid router with a random
+    # selection bias, 4 groups of 2 (best 2 eligible), renormalised, x2.5; two shared experts;
+    # layer 0 dense (first_k_dense_replace).
+    "deepseek_v3": dict(
+        config="DeepseekV3Config", model="DeepseekV3ForCausalLM", fused=False, seed=4,
+        hf=dict(intermediate_size=40, moe_intermediate_size=8, num_hidden_layers=3,
+                num_key_value_heads=4, n_routed_experts=8, n_shared_experts=2, n_group=4,
+                topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+                first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=6,
+                qk_rope_head_dim=4, v_head_dim=10, rope_interleave=True, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
+                tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
+    # Fused expert tensors; partial rotary (half of head_dim 12); q/k/v biases and per-head q/k
+    # norm; sigmoid router (one group) with a random bias, raw weights, x1.5; layer 0 dense.
+    "glm4_moe": dict(
+        config="Glm4MoeConfig", model="Glm4MoeForCausalLM", fused=True, seed=5,
+        hf=dict(intermediate_size=40, moe_intermediate_size=8, num_hidden_layers=3, head_dim=12,
+                n_routed_experts=8, n_shared_experts=1, n_group=1, topk_group=1,
+                routed_scaling_factor=1.5, norm_topk_prob=False, first_k_dense_replace=1,
+                attention_bias=True, use_qk_norm=True, rms_norm_eps=1e-5,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "partial_rotary_factor": 0.5},
+                tie_word_embeddings=False)),
 }
 
 
@@ -73,10 +104,17 @@ def redraw(model, seed):
         scale = p.shape[-1] ** -0.5
         if any(k in name for k in ("o_proj", "down_proj", "w2")):
           scale *= 4.0
-        elif name.endswith("gate.weight") and p.shape[0] == model.config.num_experts:
+        elif name.endswith("gate.weight") and p.shape[0] == num_experts(model.config):
           scale *= 3.0                        # the router
         p.copy_(scale * noise)
       p.copy_(p.to(torch.bfloat16).float())   # saved as bf16 (half the bytes), exactly
+    for name, b in model.named_buffers():
+      if name.endswith("e_score_correction_bias"):   # selection-only: make it matter
+        b.copy_((0.2 * torch.randn(b.shape, generator=gen)).to(torch.bfloat16).float())
+
+
+def num_experts(config):
+  return getattr(config, "num_local_experts", None) or config.num_experts
 
 
 def make_inputs(spec, vocab_size):
@@ -89,13 +127,27 @@ def make_inputs(spec, vocab_size):
 
 
 def routers(model):
-  return [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+  return [m for m in model.modules() if type(m).__name__.lower().endswith("topkrouter")]
 
 
 def margin(values, k):
   """Smallest gap among the top k + 1 sorted values along the last axis."""
   top = torch.sort(values, dim=-1, descending=True).values[..., :k + 1]
   return float((top[..., :-1] - top[..., 1:]).min())
+
+
+def routing_margin(router, logits, k):
+  """Smallest gap of the router's selection: softmax top-k, or, for sigmoid routers, the groups'
+  scores (sum of their 2 best biased scores) and the biased scores within the kept groups."""
+  if not hasattr(router, "e_score_correction_bias"):
+    return margin(torch.softmax(logits.float(), -1), k)
+  choice = torch.sigmoid(logits.float()) + router.e_score_correction_bias
+  groups = choice.view(-1, router.num_group, choice.shape[-1] // router.num_group)
+  group_scores = groups.topk(2, dim=-1)[0].sum(-1)
+  gaps = [margin(group_scores, router.topk_group)] if router.num_group > 1 else []
+  keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(router.topk_group)[1], 1)
+  masked = choice.masked_fill(~keep.bool().repeat_interleave(groups.shape[-1], 1), -1e9)
+  return min(gaps + [margin(masked, k)])
 
 
 def record_forward(model, input_ids, mask):
@@ -108,13 +160,15 @@ def record_forward(model, input_ids, mask):
     h.remove()
   batch, length = input_ids.shape
   k = model.config.num_experts_per_tok
-  ref, margins = {"logits": out.logits.numpy(), "aux_loss": np.float32(float(out.aux_loss))}, []
+  ref, margins = {"logits": out.logits.numpy()}, []
+  if out.aux_loss is not None:                # DeepSeek and GLM compute none at inference
+    ref["aux_loss"] = np.float32(float(out.aux_loss))
   real = torch.tensor(mask.reshape(-1) == 1)
   for j, (logits, weights, index) in enumerate(captured):
     ref[f"moe{j}_router_logits"] = logits.reshape(batch, length, -1).numpy()
     ref[f"moe{j}_expert_weight"] = weights.reshape(batch, length, k).numpy()
     ref[f"moe{j}_expert_index"] = index.reshape(batch, length, k).numpy()
-    margins.append(margin(torch.softmax(logits.float(), -1)[real], k))
+    margins.append(routing_margin(routers(model)[j], logits[real], k))
   return ref, min(margins)
 
 
@@ -142,9 +196,9 @@ def greedy(model, input_ids, mask, use_cache, **eos):
   top1 = min(margin(step[row], 1) for i, step in enumerate(out.logits)
              for row in range(step.shape[0]) if not _done_before(full, row, i, eos_id))
   k = model.config.num_experts_per_tok
-  num_routers = len(routers(model))
-  decode_steps = captured[num_routers:] if use_cache else []
-  route = min([margin(torch.softmax(lg.float(), -1), k) for lg in decode_steps] or [1.0])
+  mods = routers(model)
+  decode_steps = list(enumerate(captured))[len(mods):] if use_cache else []
+  route = min([routing_margin(mods[i % len(mods)], lg, k) for i, lg in decode_steps] or [1.0])
   return full, top1, route
 
 
@@ -206,8 +260,12 @@ def main():
   print(f"transformers {transformers.__version__}, torch {torch.__version__}")
   os.makedirs(OUT_DIR, exist_ok=True)
   torch.set_num_threads(1)
-  for name, spec in SPECS.items():
-    make_fixture(name, spec)
+  names = sys.argv[1:] or list(SPECS)
+  unknown = sorted(set(names) - set(SPECS))
+  if unknown:
+    raise SystemExit(f"unknown fixtures {unknown}; known: {sorted(SPECS)}")
+  for name in names:
+    make_fixture(name, SPECS[name])
   with open(os.path.join(OUT_DIR, "VERSIONS.json"), "w") as f:
     json.dump({"transformers": transformers.__version__, "torch": torch.__version__}, f)
     f.write("\n")

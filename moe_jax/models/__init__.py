@@ -28,6 +28,9 @@ FAMILIES = {
     "qwen3_moe": "moe_jax.models.qwen3_moe",
     "mixtral": "moe_jax.models.mixtral",
     "olmoe": "moe_jax.models.olmoe",
+    "qwen2_moe": "moe_jax.models.qwen2_moe",
+    "deepseek_v3": "moe_jax.models.deepseek_v3",
+    "glm4_moe": "moe_jax.models.glm4_moe",
 }
 
 _ORBAX_MANIFEST = "moe_jax.json"   # `moe_jax.checkpoints.orbax_io.MANIFEST_NAME`

@@ -15,10 +15,17 @@ Parameter tree of a decoder model (Dense kernels are [in, out], the transpose of
     "layers": [                                      # one dict per decoder layer, in order
       {"attn_norm": [d],
        "attn": {"q": [d, H*hd], "k": [d, Hkv*hd], "v": [d, Hkv*hd], "o": [H*hd, d],
+                "q_bias": [H*hd], "k_bias": [Hkv*hd], "v_bias": [Hkv*hd],  # qkv_bias families
                 "q_norm": [hd] or [H*hd], "k_norm": [hd] or [Hkv*hd]},   # families with q/k norm
+            or (MLA) {"q": [d, H*(n+r)] or "q_a": [d, Rq], "q_a_norm": [Rq], "q_b": [Rq, H*(n+r)],
+                      "kv_a": [d, Rkv + r], "kv_a_norm": [Rkv], "kv_b": [Rkv, H*(n+v)],
+                      "o": [H*v, d]},                # n/r: nope/rope head dims, v: value dim
        "mlp_norm": [d],
        "mlp": {"wi_gate": [d, I], "wi": [d, I], "wo": [I, d]}                 # dense layer
-           or {"router": [d, E], "wi_gate": [E, d, f], "wi": [E, d, f], "wo": [E, f, d]}},  # MoE
+           or {"router": [d, E], "wi_gate": [E, d, f], "wi": [E, d, f], "wo": [E, f, d],  # MoE
+               "router_bias": [E]},                  # sigmoid routers (selection-only bias)
+       "shared_mlp": {"wi_gate": [d, S], "wi": [d, S], "wo": [S, d]},   # MoE layers of families
+       "shared_gate": [d, 1]},                       # with a shared expert; Qwen2-MoE's gate
       ...
     ],
   }
@@ -44,6 +51,8 @@ class ExpertKeys:
   Attributes:
     block: the MoE block's module ("mlp"; Mixtral: "block_sparse_moe").
     gate, up, down: the expert projections' names (Mixtral: "w1", "w3", "w2").
+    shared: the shared expert's module in the block ("shared_expert"; DeepSeek and GLM:
+      "shared_experts"), for families with one.
   The router is `{block}.gate.weight`. The fused layout transformers 5 can write is the same for
   every family: `mlp.gate.weight`, `mlp.experts.gate_up_proj`, `mlp.experts.down_proj`.
   """
@@ -52,6 +61,7 @@ class ExpertKeys:
   gate: str = "gate_proj"
   up: str = "up_proj"
   down: str = "down_proj"
+  shared: str = "shared_expert"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +77,8 @@ class DecoderConfig:
   MODEL_TYPE: ClassVar[str] = ""
   ARCHITECTURE: ClassVar[str] = ""
   QK_NORM: ClassVar[str] = "none"            # "per_head" (Qwen3), "full" (OLMoE)
+  ATTENTION: ClassVar[str] = "gqa"           # "mla": DeepSeek's multi-head latent attention
+  SHARED_GATE: ClassVar[bool] = False        # shared expert scaled by sigmoid(x @ shared_gate)
   EXPERT_KEYS: ClassVar[ExpertKeys] = ExpertKeys()
   PINNED: ClassVar[dict] = {}                # field -> the only value the family allows
   HF_NAMES: ClassVar[dict] = {}              # our field -> config.json names (first found wins)
@@ -134,6 +146,43 @@ class DecoderConfig:
     """f: the experts' hidden width."""
     return self.moe_intermediate_size or self.intermediate_size
 
+  # --- what a family may override (defaults: a plain Llama-style MoE decoder) ---
+
+  @property
+  def qk_norm(self) -> str:
+    """"none", "per_head" (RMSNorm over hd per head) or "full" (over the whole projection)."""
+    return self.QK_NORM
+
+  @property
+  def qkv_bias(self) -> bool:
+    """The q/k/v projections have biases (Qwen2-MoE's qkv_bias, GLM's attention_bias)."""
+    return False
+
+  @property
+  def rotary_width(self) -> int:
+    """Leading head dims rotary embeddings rotate (the rest pass through)."""
+    return self.head_width
+
+  @property
+  def rope_interleaved(self) -> bool:
+    """Rotary pairs are (2i, 2i+1) (DeepSeek) rather than (i, i + width/2)."""
+    return False
+
+  @property
+  def shared_width(self) -> int | None:
+    """Width of the shared expert every token also goes through, or None (no shared expert)."""
+    return None
+
+  @property
+  def router_options(self) -> dict:
+    """The MoE layers' routing rule, as `moe_jax.MoEConfig` fields."""
+    return {"router": "softmax"}
+
+  @property
+  def cache_widths(self) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(heads, width) of the two per-layer KV-cache arrays (keys and values for GQA)."""
+    return ((self.num_key_value_heads, self.head_width),) * 2
+
   @property
   def sparse_layers(self) -> tuple[int, ...]:
     """Indices of the MoE layers (HF's rule, see the class docstring)."""
@@ -159,7 +208,8 @@ class DecoderConfig:
     if model_type != cls.MODEL_TYPE:
       raise ValueError(f"config.json has model_type={model_type!r}, not {cls.MODEL_TYPE!r}; load "
                        "it with moe_jax.models.from_pretrained, which picks the family.")
-    check_hf_common(d)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    check_hf_common(d, fields)
     kwargs = {}
     for ours, names in {**{f.name: (f.name,) for f in dataclasses.fields(cls)},
                         **cls.HF_NAMES}.items():
@@ -167,6 +217,12 @@ class DecoderConfig:
       if found:
         kwargs[ours] = found[0]
     kwargs["rope_theta"] = rope_theta(d, cls.rope_theta)
+    partial = partial_rotary_factor(d)
+    if "partial_rotary_factor" in fields:
+      kwargs["partial_rotary_factor"] = partial
+    elif partial != 1.0:
+      raise ValueError(f"config.json has partial_rotary_factor={partial}; the {cls.MODEL_TYPE} "
+                       "family rotates whole heads (only 1.0 is supported).")
     return cls(**kwargs)
 
   @classmethod
@@ -195,6 +251,8 @@ class DecoderConfig:
       d.pop(field, None)
     d.pop("rope_theta")
     d["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default"}
+    if "partial_rotary_factor" in d:
+      d["rope_parameters"]["partial_rotary_factor"] = d.pop("partial_rotary_factor")
     if "mlp_only_layers" in d:
       d["mlp_only_layers"] = list(self.mlp_only_layers)
     eos = list(self.eos_token_id)
@@ -223,19 +281,22 @@ def rope_theta(d: dict[str, Any], default: float) -> float:
     if kind != "default":
       raise ValueError(f"config.json {where} has rope_type={kind!r}; only the default rotary "
                        "embedding is supported.")
-  partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
-  if partial != 1.0:
-    raise ValueError(f"config.json has partial_rotary_factor={partial}; only full rotary "
-                     "embeddings are supported.")
   return float(params.get("rope_theta", d.get("rope_theta", default)))
 
 
-def check_hf_common(d: dict[str, Any]) -> None:
-  """ValueError for config.json values no decoder family here supports."""
+def partial_rotary_factor(d: dict[str, Any]) -> float:
+  """The rotated fraction of each head: `rope_parameters.partial_rotary_factor` (or top level)."""
+  params = d.get("rope_parameters") or {}
+  return float(params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)))
+
+
+def check_hf_common(d: dict[str, Any], fields=()) -> None:
+  """ValueError for config.json values no decoder family here supports (`fields`: the family's
+  config fields; a field the family reads is not refused here)."""
   act = d.get("hidden_act", "silu")
   if act != "silu":
     raise ValueError(f"config.json has hidden_act={act!r}; only 'silu' (SwiGLU) is supported.")
-  if d.get("attention_bias"):
+  if d.get("attention_bias") and "attention_bias" not in fields:
     raise ValueError("config.json has attention_bias=true; attention projections with biases "
                      "are not supported.")
   if d.get("quantization_config") is not None:

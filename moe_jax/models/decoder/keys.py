@@ -31,17 +31,47 @@ def _linear(path, out_dim, in_dim, **kwargs) -> TensorSpec:
 
 
 def _attention_specs(specs: dict, cfg: DecoderConfig, i: int) -> None:
+  if cfg.ATTENTION == "mla":
+    _mla_specs(specs, cfg, i)
+    return
   d, hd = cfg.hidden_size, cfg.head_width
   q_width, kv_width = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
   root, attn = f"model.layers.{i}.self_attn", ("layers", i, "attn")
-  specs[f"{root}.q_proj.weight"] = _linear(attn + ("q",), q_width, d)
-  specs[f"{root}.k_proj.weight"] = _linear(attn + ("k",), kv_width, d)
-  specs[f"{root}.v_proj.weight"] = _linear(attn + ("v",), kv_width, d)
+  for name, width in (("q", q_width), ("k", kv_width), ("v", kv_width)):
+    specs[f"{root}.{name}_proj.weight"] = _linear(attn + (name,), width, d)
+    if cfg.qkv_bias:
+      specs[f"{root}.{name}_proj.bias"] = TensorSpec(attn + (f"{name}_bias",), (width,))
   specs[f"{root}.o_proj.weight"] = _linear(attn + ("o",), d, q_width)
-  if cfg.QK_NORM != "none":
-    full = cfg.QK_NORM == "full"
+  if cfg.qk_norm != "none":
+    full = cfg.qk_norm == "full"
     specs[f"{root}.q_norm.weight"] = TensorSpec(attn + ("q_norm",), (q_width if full else hd,))
     specs[f"{root}.k_norm.weight"] = TensorSpec(attn + ("k_norm",), (kv_width if full else hd,))
+
+
+def _mla_specs(specs: dict, cfg: DecoderConfig, i: int) -> None:
+  """DeepSeek's multi-head latent attention (tree: see `config.py`)."""
+  d, heads = cfg.hidden_size, cfg.num_attention_heads
+  qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+  root, attn = f"model.layers.{i}.self_attn", ("layers", i, "attn")
+  if cfg.q_lora_rank:
+    specs[f"{root}.q_a_proj.weight"] = _linear(attn + ("q_a",), cfg.q_lora_rank, d)
+    specs[f"{root}.q_a_layernorm.weight"] = TensorSpec(attn + ("q_a_norm",), (cfg.q_lora_rank,))
+    specs[f"{root}.q_b_proj.weight"] = _linear(attn + ("q_b",), heads * qk, cfg.q_lora_rank)
+  else:
+    specs[f"{root}.q_proj.weight"] = _linear(attn + ("q",), heads * qk, d)
+  specs[f"{root}.kv_a_proj_with_mqa.weight"] = _linear(
+      attn + ("kv_a",), cfg.kv_lora_rank + cfg.qk_rope_head_dim, d)
+  specs[f"{root}.kv_a_layernorm.weight"] = TensorSpec(attn + ("kv_a_norm",), (cfg.kv_lora_rank,))
+  specs[f"{root}.kv_b_proj.weight"] = _linear(
+      attn + ("kv_b",), heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
+  specs[f"{root}.o_proj.weight"] = _linear(attn + ("o",), d, heads * cfg.v_head_dim)
+
+
+def _swiglu_specs(specs: dict, root: str, path: tuple, width: int, d: int) -> None:
+  """A dense SwiGLU MLP `{root}.{gate,up,down}_proj.weight` -> `path + (wi_gate, wi, wo)`."""
+  specs[f"{root}.gate_proj.weight"] = _linear(path + ("wi_gate",), width, d)
+  specs[f"{root}.up_proj.weight"] = _linear(path + ("wi",), width, d)
+  specs[f"{root}.down_proj.weight"] = _linear(path + ("wo",), d, width)
 
 
 def _moe_specs(specs: dict, cfg: DecoderConfig, i: int, fused: bool) -> None:
@@ -50,6 +80,13 @@ def _moe_specs(specs: dict, cfg: DecoderConfig, i: int, fused: bool) -> None:
   names = cfg.EXPERT_KEYS
   block = f"model.layers.{i}.{'mlp' if fused else names.block}"
   specs[f"{block}.gate.weight"] = _linear(mlp + ("router",), e, d)
+  if cfg.router_options["router"] == "sigmoid":
+    specs[f"{block}.gate.e_score_correction_bias"] = TensorSpec(mlp + ("router_bias",), (e,))
+  if cfg.shared_width:
+    _swiglu_specs(specs, f"{block}.{names.shared}", ("layers", i, "shared_mlp"),
+                  cfg.shared_width, d)
+  if cfg.SHARED_GATE:
+    specs[f"{block}.shared_expert_gate.weight"] = _linear(("layers", i, "shared_gate"), 1, d)
   if fused:
     stack = dict(all_experts=True, transpose=True)
     specs[f"{block}.experts.gate_up_proj"] = (
@@ -77,10 +114,7 @@ def hf_tensor_specs(cfg: DecoderConfig, *, fused: bool = False) -> dict:
     if i in sparse:
       _moe_specs(specs, cfg, i, fused)
     else:
-      mlp, width = ("layers", i, "mlp"), cfg.intermediate_size
-      specs[f"{layer}.mlp.gate_proj.weight"] = _linear(mlp + ("wi_gate",), width, d)
-      specs[f"{layer}.mlp.up_proj.weight"] = _linear(mlp + ("wi",), width, d)
-      specs[f"{layer}.mlp.down_proj.weight"] = _linear(mlp + ("wo",), d, width)
+      _swiglu_specs(specs, f"{layer}.mlp", ("layers", i, "mlp"), cfg.intermediate_size, d)
   specs["model.norm.weight"] = TensorSpec(("final_norm",), (d,))
   if not cfg.tie_word_embeddings:
     specs["lm_head.weight"] = _linear(("lm_head",), v, d)

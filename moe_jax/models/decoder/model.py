@@ -177,11 +177,12 @@ def _check_left_padded(attention_mask) -> None:
 
 
 def moe_config(config: DecoderConfig, dtype) -> MoEConfig:
-  """The `MoEConfig` of the MoE layers: top-k SwiGLU experts, renormalised iff norm_topk_prob."""
+  """The `MoEConfig` of the MoE layers: top-k SwiGLU experts, renormalised iff norm_topk_prob,
+  routed by the family's rule (`config.router_options`)."""
   return MoEConfig(num_experts=config.num_experts, d_model=config.hidden_size,
                    d_ff=config.expert_width, top_k=config.num_experts_per_tok,
                    activation="silu", renormalize=config.norm_topk_prob,
-                   dtype=jnp.dtype(dtype).name)
+                   dtype=jnp.dtype(dtype).name, **config.router_options)
 
 
 def check_params(params: dict, config: DecoderConfig) -> None:

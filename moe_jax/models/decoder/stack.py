@@ -5,9 +5,10 @@ MoE layers hand their normed input to one overridable hook, with the single stac
 
   y, stats = moe_fn("layers", moe_index, mlp_params, x_normed, None)
 
-`moe_index` counts the MoE layers from 0; `None` lets the layer's own router decide (softmax over
-all experts in float32, top-k, renormalised iff `norm_topk_prob`: exactly HF's router). Padding
-tokens are routed like any other, as in HF; dropless, they cannot affect real tokens.
+`moe_index` counts the MoE layers from 0; `None` lets the layer's own router decide (the family's
+rule, `moe_jax.routing.ROUTERS`, in float32: exactly HF's router). A family's shared expert (and
+its sigmoid gate) is added to the hook's output here: it is dense, so replication never moves it.
+Padding tokens are routed like any other, as in HF; dropless, they cannot affect real tokens.
 
 One function, `decode`, serves every pass: a prompt or a teacher-forced sequence is the special
 case of an empty cache as long as the input; a generation step is one token written at
@@ -23,7 +24,7 @@ from flax import struct
 
 from moe_jax import moe_layer
 from moe_jax.models.common import rms_norm
-from moe_jax.models.decoder import layers
+from moe_jax.models.decoder import attention, layers
 from moe_jax.models.decoder.config import DecoderConfig
 from moe_jax.moe_fn import MoEFn
 
@@ -35,7 +36,9 @@ class KVCache:
   """Preallocated attention state (fixed shapes, jit-friendly).
 
   Attributes:
-    keys, values: per layer <f>[B, S, Hkv, hd] (after rotary embeddings); slots >= `length` unused.
+    keys, values: per layer the attention's two cached arrays <f>[B, S, n, w] (`cfg.cache_widths`
+      gives (n, w)): GQA's rotated keys and values, MLA's latent and shared rotated key (see
+      `attention.py`); slots >= `length` unused.
     length: <int32>[] slots written so far (the next token's slot).
   """
 
@@ -65,9 +68,9 @@ class MoELayerRouting:
 
 def init_cache(cfg: DecoderConfig, batch: int, max_length: int, dtype) -> KVCache:
   """An empty cache of `max_length` slots per row."""
-  empty = jnp.zeros((batch, max_length, cfg.num_key_value_heads, cfg.head_width), dtype)
+  first, second = (jnp.zeros((batch, max_length) + widths, dtype) for widths in cfg.cache_widths)
   n = cfg.num_hidden_layers
-  return KVCache(keys=(empty,) * n, values=(empty,) * n, length=jnp.zeros((), jnp.int32))
+  return KVCache(keys=(first,) * n, values=(second,) * n, length=jnp.zeros((), jnp.int32))
 
 
 def moe_layers(params: dict, cfg: DecoderConfig) -> dict[str, list[dict]]:
@@ -82,9 +85,16 @@ def lm_logits(params: dict, cfg: DecoderConfig, hidden: jax.Array) -> jax.Array:
   return jnp.einsum("bld,dv->blv", hidden, params["lm_head"], preferred_element_type=jnp.float32)
 
 
-def _moe_mlp(mlp, x_normed, moe_index, moe_fn):
+def _moe_mlp(layer, x_normed, moe_index, moe_fn):
+  """The MoE block: routed experts through the hook, plus the shared expert if any."""
   batch, length, _ = x_normed.shape
-  y, stats = moe_fn(STACK, moe_index, mlp, x_normed, None)
+  y, stats = moe_fn(STACK, moe_index, layer["mlp"], x_normed, None)
+  if "shared_mlp" in layer:
+    shared = layers.swiglu(layer["shared_mlp"], x_normed)
+    if "shared_gate" in layer:
+      gate = jnp.dot(x_normed.astype(jnp.float32), layer["shared_gate"].astype(jnp.float32))
+      shared = jax.nn.sigmoid(gate).astype(shared.dtype) * shared
+    y = y + shared.astype(y.dtype)
   routing = stats.routing
   shape = lambda a: a.reshape(batch, length, -1)
   record = MoELayerRouting(expert_index=shape(routing.expert_ids),
@@ -120,23 +130,20 @@ def decode(params: dict, cfg: DecoderConfig, input_ids: jax.Array, positions: ja
   allowed = jnp.arange(slots)[None, :] <= query_slots[:, None]                # [L, S]
   allowed = allowed[None] & jnp.asarray(key_mask).astype(bool)[:, None, :]    # [B, L, S]
   bias = layers.additive_mask(allowed, x.dtype)
-  cos, sin = layers.rope_tables(positions, cfg.head_width, cfg.rope_theta)
+  rope = layers.rope_tables(positions, cfg.rotary_width, cfg.rope_theta)
+  attend = attention.ATTENTIONS[cfg.ATTENTION]
   sparse = set(cfg.sparse_layers)
   new_keys, new_values, records = [], [], []
   for i, layer in enumerate(params["layers"]):
     h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = layers.project_qkv(layer["attn"], h, cfg)
-    q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
-    keys = jax.lax.dynamic_update_slice_in_dim(cache.keys[i], k.astype(cache.keys[i].dtype),
-                                               offset, axis=1)                # [B, S, Hkv, hd]
-    values = jax.lax.dynamic_update_slice_in_dim(cache.values[i],
-                                                 v.astype(cache.values[i].dtype), offset, axis=1)
+    out, keys, values = attend(layer["attn"], h, cfg, rope, cache.keys[i], cache.values[i],
+                               offset, bias)
     new_keys.append(keys)
     new_values.append(values)
-    x = x + jnp.dot(layers.attend(q, keys, values, bias), layer["attn"]["o"])
+    x = x + out
     h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
     if i in sparse:
-      y, record = _moe_mlp(layer["mlp"], h, len(records), moe_fn)
+      y, record = _moe_mlp(layer, h, len(records), moe_fn)
       records.append(record)
     else:
       y = layers.swiglu(layer["mlp"], h)

@@ -26,7 +26,7 @@ from moe_jax.models.decoder.model import forward
 from moe_jax.moe_fn import MoEFn
 
 IGNORE = -100
-_NORMS = ("attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm")
+_NORMS = ("attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm", "q_a_norm", "kv_a_norm")
 
 
 def text_windows(stream: np.ndarray, *, length: int, stride: int | None = None
@@ -126,12 +126,14 @@ def moe_layers(params: dict, cfg: DecoderConfig) -> dict[str, list[dict]]:
 
 
 def _draw(rng: np.random.Generator, path, shape) -> np.ndarray:
-  """Norm scales 1 + N(0, 0.1), embeddings N(0, 1), kernels N(0, 1/fan_in)."""
+  """Norm scales 1 + N(0, 0.1), embeddings N(0, 1), biases N(0, 0.1^2), kernels N(0, 1/fan_in)."""
   x = rng.standard_normal(shape, dtype=np.float32)
   if path[-1] in _NORMS:
     return 1.0 + 0.1 * x
   if path[-1] == "embed":
     return x
+  if len(shape) == 1:                           # q/k/v biases, the router's selection bias
+    return 0.1 * x
   return x * np.float32(shape[-2] ** -0.5)      # kernels are [in, out] (stacks [E, in, out])
 
 
