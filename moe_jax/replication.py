@@ -14,6 +14,7 @@ the model, then return `runner.records()` and `runner.next_state()` from the sam
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +120,41 @@ def with_resident_replicas(state: ReplicationState, layers: dict, moe_cfg: MoECo
   return state.replace(
       replicas={s: [replicas_lib.empty_replicas(q, num_replica_slots, mesh=mesh) for q in p]
                 for s, p in layers.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class Replicator:
+  """A hashable maker of `StackRunner`s, for a program that runs a model several times (e.g.
+  generation: the prompt pass, then every decode step with the state carried in the loop).
+
+    replicator = Replicator(config, moe_cfg, mesh, execution)
+    state = replicator.init_state(layers)                  # outside or inside the loop
+    runner = replicator.runner(layers, state)              # one per pass, inside jit
+    out = model_pass(..., moe_fn=runner.moe_fn); state = runner.next_state()
+  """
+
+  config: ReplicationConfig
+  moe_cfg: MoEConfig
+  mesh: Any
+  execution: ExecutionConfig = ExecutionConfig()
+
+  def __post_init__(self):
+    if self.config.predictor in ("oracle", "dynamic"):
+      raise ValueError(f"predictor={self.config.predictor!r} needs this batch's true loads, which "
+                       "a serving pass does not have; use 'history', 'pregate' or 'learned'.")
+
+  def init_state(self, layers: dict) -> ReplicationState:
+    """A fresh state for `layers` (stack -> MoE params), with resident slots when configured."""
+    state = init_state({s: len(p) for s, p in layers.items()}, self.moe_cfg.num_experts)
+    if self.config.resident and self.config.predictor != "none":
+      state = with_resident_replicas(state, layers, self.moe_cfg, self.config.num_replica_slots,
+                                     self.mesh)
+    return state
+
+  def runner(self, layers: dict, state: ReplicationState, learned: dict | None = None
+             ) -> "StackRunner":
+    return StackRunner(self.config, self.moe_cfg, self.mesh, layers, state, learned=learned,
+                       execution=self.execution)
 
 
 @struct.dataclass
@@ -230,6 +266,12 @@ class StackRunner:
   def records(self) -> dict:
     """stack -> list of `LayerRecord`, one per MoE layer run so far."""
     return self._records
+
+  def replica_rows(self) -> jax.Array:
+    """<int32>[] token-choices this pass computed in replica slots (all stacks and layers)."""
+    home = self.moe_cfg.num_experts // mesh_lib.axis_sizes(self.mesh)[1]
+    return sum((jnp.sum(r.stats.tokens_per_slot[..., home:]) for records in
+                self._records.values() for r in records), jnp.zeros((), jnp.int32))
 
   def next_state(self) -> ReplicationState:
     """The history updated with this pass's true loads (and, if resident, the held replicas)."""

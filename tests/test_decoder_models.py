@@ -110,9 +110,9 @@ def test_greedy_cached_and_uncached_match_hf(name):
       _generate(model, ref, True, eos_token_id=[int(ref["eos_token_id"])]), ref["gen_cached"])
 
 
-def test_fixtures_exercise_eos_padding_and_dense_layers():
-  """Guards the fixtures: some rows stop early, prompts are left-padded, Qwen3 has a dense layer
-  and a head_dim that is not hidden / heads, both norm_topk_prob settings occur."""
+def test_fixtures_exercise_every_rule():
+  """Guards the fixtures: some rows stop early, prompts are left-padded, both layouts and both
+  norm_topk_prob settings occur, and each family's own rules are switched on."""
   configs = {name: _model(name)[0].config for name in FAMILIES}
   for name in FAMILIES:
     _, ref = _model(name)
@@ -122,36 +122,55 @@ def test_fixtures_exercise_eos_padding_and_dense_layers():
   assert qwen.sparse_layers == (0, 2) and qwen.head_width * qwen.num_attention_heads != 32
   assert {c.norm_topk_prob for c in configs.values()} == {True, False}
   assert configs["mixtral"].tie_word_embeddings and configs["olmoe"].clip_qkv == 2.0
+  qwen2 = configs["qwen2_moe"]
+  assert qwen2.sparse_layers == (1, 2) and qwen2.qkv_bias and qwen2.shared_width == 12
+  deepseek, glm = configs["deepseek_v3"], configs["glm4_moe"]
+  assert deepseek.sparse_layers == glm.sparse_layers == (1, 2)
+  assert deepseek.q_lora_rank and deepseek.rope_interleave and deepseek.n_shared_experts == 2
+  assert (deepseek.n_group, deepseek.topk_group, deepseek.routed_scaling_factor) == (4, 2, 2.5)
+  assert glm.rotary_width == glm.head_width // 2 and glm.qkv_bias and glm.qk_norm == "per_head"
+  assert glm.routed_scaling_factor == 1.5
+  for name in ("deepseek_v3", "glm4_moe"):
+    bias = _model(name)[0].params["layers"][1]["mlp"]["router_bias"]
+    assert float(np.std(np.asarray(bias))) > 0.05, name      # the bias steers selection
+  with open(os.path.join(FIXTURE_DIR, "glm4_moe", "model.safetensors"), "rb") as f:
+    assert b"experts.gate_up_proj" in f.read(20000)           # fused layout on disk
 
 
-def test_replicas_do_not_change_outputs():
-  """`StackRunner` with pregate predictions and 2 replica slots on a (2, 4) mesh: the same
-  logits (to fp32 rounding) and routing as one device without replicas, and HF's."""
-  name = "qwen3_moe"
-  model, ref = _model(name, (2, 4))
-  mesh, family = model.mesh, models.get_family(name)
-  rcfg = replication.ReplicationConfig(predictor="pregate", num_replica_slots=2,
-                                       first_layer="none")   # layer 1 placed from layer 0
+# Each family runs replicated on one of the two meshes (every mesh sees softmax and sigmoid
+# routers, MLA and shared experts), with a predictor that places from this pass's hidden states
+# (pregate) or from the loads of earlier passes (history, resident replicas with stickiness).
+_REPLICATED = {"mixtral": ((1, 8), "pregate"), "olmoe": ((2, 4), "history"),
+               "qwen3_moe": ((2, 4), "pregate"), "qwen2_moe": ((1, 8), "history"),
+               "deepseek_v3": ((2, 4), "pregate"), "glm4_moe": ((1, 8), "pregate")}
 
-  @jax.jit
-  def run(params, input_ids, mask):
-    layers = family.moe_layers(params, model.config)
-    state = replication.init_state({s: len(v) for s, v in layers.items()},
-                                   model.config.num_experts)
-    runner = replication.StackRunner(rcfg, model.moe_config, mesh, layers, state)
-    out = decoder.forward(params, model.config, input_ids, mask, moe_fn=runner.moe_fn)
-    return out, runner.records()
 
-  out, records = run(model.params, jnp.asarray(ref["input_ids"]),
-                     jnp.asarray(ref["attention_mask"]))
-  plain = _forward(name)                      # one device, no replicas
+@pytest.mark.parametrize("name", FAMILIES)
+def test_replicas_do_not_change_outputs(name):
+  """Replicas placed one MoE layer ahead, in the forward and in the prefill and every decode step
+  of generation: the same logits (to fp32 rounding), routing and greedy tokens as the same mesh
+  without replicas (and as HF), with some token-choices computed in replica slots."""
+  mesh_shape, kind = _REPLICATED[name]
+  model, ref = _model(name, mesh_shape)
+  model = type(model)(model.config, model.params, mesh=model.mesh,
+                      execution=ExecutionConfig(gmm_backend="dense"))   # compiles faster
+  rcfg = replication.ReplicationConfig(predictor=kind, num_replica_slots=2,
+                                       resident=kind == "history",
+                                       stickiness=0.1 if kind == "history" else 0.0)
+  out = model(ref["input_ids"], attention_mask=ref["attention_mask"], output_router=True,
+              replication=rcfg)
+  plain = model(ref["input_ids"], attention_mask=ref["attention_mask"], output_router=True)
   _check_forward(out, ref)
-  assert helpers.rel_err(out.logits, plain.logits) <= 1e-6
+  assert helpers.rel_err(_real(out.logits, ref), _real(plain.logits, ref)) <= 1e-6
   for layer, want in zip(out.router, plain.router):
     np.testing.assert_array_equal(layer.expert_index, want.expert_index)
-  h = model.config.num_experts // mesh.shape["expert"]
-  replica_rows = sum(int(np.sum(r.stats.tokens_per_slot[..., h:])) for r in records["layers"])
-  assert replica_rows > 0, "the replica slots should have computed some tokens"
+  tokens, stats = model.generate(ref["input_ids"], attention_mask=ref["attention_mask"],
+                                 max_new_tokens=int(ref["max_new_tokens"]), replication=rcfg,
+                                 eos_token_id=None, return_stats=True)
+  np.testing.assert_array_equal(np.asarray(tokens), ref["gen_no_eos"])
+  assert int(stats.passes) == 1 + int(ref["max_new_tokens"])    # prefill + every step
+  assert int(stats.replica_rows) > 0, "the replica slots should have computed some tokens"
+  assert float(jnp.sum(stats.state.history["layers"])) > 0      # loads carried between passes
 
 
 # --- checkpoints: both layouts, sharded import, export ---
@@ -230,10 +249,11 @@ def test_bad_checkpoints_name_the_problem(problem, match, tmp_path):
 
 def test_unknown_model_type_is_one_line(tmp_path):
   shutil.copy(os.path.join(FIXTURE_DIR, "mixtral", "config.json"), tmp_path / "config.json")
-  config = (tmp_path / "config.json").read_text().replace('"mixtral"', '"qwen2_moe"')
+  config = (tmp_path / "config.json").read_text().replace('"mixtral"', '"deepseek_v2"')
   (tmp_path / "config.json").write_text(config)
-  with pytest.raises(ValueError, match=r"^model_type 'qwen2_moe' has no moe_jax model family; "
-                     r"supported: \[.*'mixtral', 'olmoe', 'qwen3_moe'.*\]\.$"):
+  with pytest.raises(ValueError, match=r"^model_type 'deepseek_v2' has no moe_jax model family; "
+                     r"supported: \[.*'deepseek_v3', 'glm4_moe', 'mixtral', 'olmoe', 'qwen2_moe', "
+                     r"'qwen3_moe'.*\]\.$"):
     models.from_pretrained(str(tmp_path))
 
 
@@ -252,7 +272,8 @@ def test_config_round_trips_through_hf_dict(name):
   assert family.Config.from_hf_dict(model.config.to_hf_dict()) == model.config
   assert model.config.eos_token_id == (int(ref["eos_token_id"]),)     # generation_config.json
   tree = dict(hidden_size=16, num_attention_heads=2, num_key_value_heads=2, num_experts=4,
-              num_experts_per_tok=2, vocab_size=8)
+              num_experts_per_tok=2, vocab_size=8,
+              **({"n_group": 2, "topk_group": 1} if name == "deepseek_v3" else {}))
   assert family.config_from_dict(tree) == family.Config(**tree)
 
 
@@ -280,6 +301,15 @@ def test_config_spellings_transformers_and_the_hub_use():
     ("olmoe", {"head_dim": 16}, r"head_dim=16: OLMoE's q/k norms assume"),
     ("qwen3_moe", {"mlp_only_layers": [0, 1, 2]}, r"no layer is MoE"),
     ("qwen3_moe", {"model_type": "mixtral"}, r"model_type='mixtral', not 'qwen3_moe'"),
+    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 64}, r"sliding-window"),
+    ("deepseek_v3", {"attention_bias": True}, r"attention_bias=true"),
+    ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 40}},
+     r"rope_type='yarn'; only the default rotary embedding"),
+    ("deepseek_v3", {"n_group": 3}, r"n_group=3 must divide n_routed_experts=8"),
+    ("deepseek_v3", {"head_dim": 6}, r"head_dim=6: DeepSeek's head_dim is the rope width"),
+    ("glm4_moe", {"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.3}},
+     r"partial_rotary_factor=0.3: head_dim=12 times it must be a positive even width"),
+    ("mixtral", {"partial_rotary_factor": 0.5}, r"the mixtral family rotates whole heads"),
 ])
 def test_unsupported_config_values_are_one_line_errors(name, changes, match):
   family = models.get_family(name)
@@ -316,6 +346,7 @@ def test_registry_finds_the_family(name):
   assert family.moe_config(model.config, jnp.float32) == model.moe_config
   assert model.moe_config.activation == "silu" and model.moe_config.top_k == 2
   assert model.moe_config.renormalize == model.config.norm_topk_prob
+  assert model.moe_config.router == model.config.router_options["router"]
   layers = family.moe_layers(model.params, model.config)
   assert list(layers) == ["layers"] and len(layers["layers"]) == len(model.config.sparse_layers)
 

@@ -15,13 +15,21 @@ Two modes, matching HF's `use_cache`, which give identical tokens:
     final token, whose logits are unused);
   * uncached: each step recomputes the whole fixed-size buffer (slots after the current one are
     causally invisible) and reads the hidden state of the last written slot.
+
+With a `replication.Replicator`, every decoder pass (the prefill and each step) runs its MoE
+layers through a fresh `StackRunner`: each layer's replicas are placed one MoE layer ahead from
+that pass's hidden states, and the `ReplicationState` (load history, resident replicas) is
+carried from pass to pass in the loop. The router still decides every token, so the tokens are
+the same with any placement.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
+from moe_jax import replication
 from moe_jax.models.decoder import stack
 from moe_jax.models.decoder.config import DecoderConfig
 from moe_jax.moe_fn import MoEFn
@@ -33,10 +41,26 @@ def generation_positions(mask: jax.Array) -> jax.Array:
   return jnp.where(mask == 0, 0, jnp.cumsum(mask, axis=-1) - 1)
 
 
+@struct.dataclass
+class GenerationStats:
+  """What replication did during one `greedy_generate` (replicated runs only).
+
+  Attributes:
+    state: the `ReplicationState` after the last pass.
+    replica_rows: <int32>[] token-choices computed in replica slots over all passes.
+    passes: <int32>[] decoder passes run (the prefill + decode steps, or uncached steps).
+  """
+
+  state: replication.ReplicationState
+  replica_rows: jax.Array
+  passes: jax.Array
+
+
 def greedy_generate(params: dict, cfg: DecoderConfig, input_ids: jax.Array,
                     attention_mask: jax.Array, *, max_new_tokens: int, use_cache: bool,
-                    eos_token_ids: jax.Array, pad_token_id: int,
-                    moe_fn: MoEFn) -> jax.Array:
+                    eos_token_ids: jax.Array, pad_token_id: int, moe_fn: MoEFn,
+                    replicator: replication.Replicator | None = None,
+                    learned: dict | None = None):
   """Greedy decoding (see the module docstring).
 
   Args:
@@ -47,10 +71,12 @@ def greedy_generate(params: dict, cfg: DecoderConfig, input_ids: jax.Array,
     use_cache: KV-cached (True) or recompute-the-buffer (False) decoding.
     eos_token_ids: <int32>[n] a row is finished once it emits any of these (-1: none).
     pad_token_id: fills finished rows.
-    moe_fn: the MoE hook.
+    moe_fn: the MoE hook (unused with a replicator).
+    replicator: optional; replicate experts in every pass (see the module docstring).
+    learned: the learned predictor's params, for a replicator with predictor="learned".
 
   Returns:
-    <int32>[B, P + N].
+    <int32>[B, P + N]; with a replicator, (that, `GenerationStats`).
   """
   batch, prompt = input_ids.shape
   total = prompt + max_new_tokens
@@ -72,27 +98,42 @@ def greedy_generate(params: dict, cfg: DecoderConfig, input_ids: jax.Array,
   def keep_going(state):
     return (state[0] < max_new_tokens) & ~jnp.all(state[2])
 
+  def run(ids, pos, cache, stats):
+    """One decoder pass: (hidden, cache, stats), through a fresh stack runner if replicating."""
+    if replicator is None:
+      hidden, cache, _ = stack.decode(params, cfg, ids, pos, mask, cache, moe_fn=moe_fn)
+      return hidden, cache, stats
+    runner = replicator.runner(stack.moe_layers(params, cfg), stats.state, learned)
+    hidden, cache, _ = stack.decode(params, cfg, ids, pos, mask, cache, moe_fn=runner.moe_fn)
+    return hidden, cache, GenerationStats(state=runner.next_state(),
+                                          replica_rows=stats.replica_rows + runner.replica_rows(),
+                                          passes=stats.passes + 1)
+
   def cached_step(state):
-    step, tokens, done, cache, hidden = state
+    step, tokens, done, stats, cache, hidden = state
     token, tokens, done = emit(step, tokens, done, hidden)
     slot_positions = jax.lax.dynamic_slice_in_dim(positions, prompt + step, 1, axis=1)
-    hidden, cache, _ = stack.decode(params, cfg, token[:, None], slot_positions, mask, cache,
-                                    moe_fn=moe_fn)
-    return step + 1, tokens, done, cache, hidden
+    hidden, cache, stats = run(token[:, None], slot_positions, cache, stats)
+    return step + 1, tokens, done, stats, cache, hidden
 
   def uncached_step(state):
-    step, tokens, done = state
-    hidden, _, _ = stack.decode(params, cfg, tokens, positions, mask,
-                                stack.init_cache(cfg, batch, total, dtype), moe_fn=moe_fn)
+    step, tokens, done, stats = state
+    hidden, _, stats = run(tokens, positions, stack.init_cache(cfg, batch, total, dtype), stats)
     hidden = jax.lax.dynamic_slice_in_dim(hidden, prompt + step - 1, 1, axis=1)  # [B, 1, d]
     _, tokens, done = emit(step, tokens, done, hidden)
-    return step + 1, tokens, done
+    return step + 1, tokens, done, stats
 
   step0, done0 = jnp.zeros((), jnp.int32), jnp.zeros((batch,), bool)
+  stats = None
+  if replicator is not None:
+    zero = jnp.zeros((), jnp.int32)
+    stats = GenerationStats(state=replicator.init_state(stack.moe_layers(params, cfg)),
+                            replica_rows=zero, passes=zero)
   if not use_cache:
-    return jax.lax.while_loop(keep_going, uncached_step, (step0, tokens, done0))[1]
-  cache = stack.init_cache(cfg, batch, total, dtype)
-  hidden, cache, _ = stack.decode(params, cfg, input_ids, positions[:, :prompt], mask, cache,
-                                  moe_fn=moe_fn)                              # prefill
-  state = (step0, tokens, done0, cache, hidden[:, -1:])
-  return jax.lax.while_loop(keep_going, cached_step, state)[1]
+    out = jax.lax.while_loop(keep_going, uncached_step, (step0, tokens, done0, stats))
+  else:
+    cache = stack.init_cache(cfg, batch, total, dtype)
+    hidden, cache, stats = run(input_ids, positions[:, :prompt], cache, stats)   # prefill
+    state = (step0, tokens, done0, stats, cache, hidden[:, -1:])
+    out = jax.lax.while_loop(keep_going, cached_step, state)
+  return out[1] if replicator is None else (out[1], out[3])

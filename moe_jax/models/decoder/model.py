@@ -25,6 +25,7 @@ from moe_jax.models.decoder import keys as decoder_keys
 from moe_jax.models.decoder import stack
 from moe_jax.models.decoder.config import DecoderConfig
 from moe_jax.moe_fn import DefaultMoE, MoEFn
+from moe_jax.replication import ReplicationConfig, Replicator
 
 _CHECKPOINT_EOS = object()   # generate's default: the checkpoint's eos ids
 
@@ -65,19 +66,24 @@ def forward(params: dict, cfg: DecoderConfig, input_ids: jax.Array, attention_ma
                        aux_loss=stack.load_balancing_loss(records, attention_mask))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "moe_fn", "output_router"))
-def _forward_jit(params, input_ids, attention_mask, *, cfg, moe_fn, output_router):
+@functools.partial(jax.jit, static_argnames=("cfg", "moe_fn", "output_router", "replicator"))
+def _forward_jit(params, input_ids, attention_mask, learned, *, cfg, moe_fn, output_router,
+                 replicator):
+  if replicator is not None:        # one pass from a fresh state: placements one layer ahead
+    layers = stack.moe_layers(params, cfg)
+    moe_fn = replicator.runner(layers, replicator.init_state(layers), learned).moe_fn
   out = forward(params, cfg, input_ids, attention_mask, moe_fn=moe_fn)
   return out if output_router else out.replace(router=None, aux_loss=None)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "moe_fn", "max_new_tokens", "use_cache",
-                                             "pad_token_id"))
-def _generate_jit(params, input_ids, attention_mask, eos_token_ids, *, cfg, moe_fn, max_new_tokens,
-                  use_cache, pad_token_id):
+                                             "pad_token_id", "replicator"))
+def _generate_jit(params, input_ids, attention_mask, eos_token_ids, learned, *, cfg, moe_fn,
+                  max_new_tokens, use_cache, pad_token_id, replicator):
   return decoder_generate.greedy_generate(
       params, cfg, input_ids, attention_mask, max_new_tokens=max_new_tokens, use_cache=use_cache,
-      eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, moe_fn=moe_fn)
+      eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, moe_fn=moe_fn,
+      replicator=replicator, learned=learned)
 
 
 class DecoderModel:
@@ -118,15 +124,33 @@ class DecoderModel:
     return cls(config, params, mesh=mesh, execution=execution)
 
   def __call__(self, input_ids, attention_mask=None, *, output_router: bool = False,
-               moe_fn: MoEFn | None = None) -> DecoderOutput:
-    """Forward pass (see `forward`); `moe_fn` (hashable) replaces the default hook."""
+               moe_fn: MoEFn | None = None, replication: ReplicationConfig | None = None,
+               learned: dict | None = None) -> DecoderOutput:
+    """Forward pass (see `forward`); `moe_fn` (hashable) replaces the default hook, or
+    `replication` places replicas one MoE layer ahead (from an empty load history)."""
     input_ids, attention_mask = self._check_batch(input_ids, attention_mask)
-    return _forward_jit(self.params, input_ids, attention_mask, cfg=self.config,
-                        moe_fn=moe_fn or self.moe_fn, output_router=output_router)
+    return _forward_jit(self.params, input_ids, attention_mask, learned, cfg=self.config,
+                        moe_fn=moe_fn or self.moe_fn, output_router=output_router,
+                        replicator=self._replicator(replication, learned))
+
+  def _replicator(self, config, learned):
+    if config is None:
+      return None
+    if not isinstance(config, ReplicationConfig):
+      raise ValueError(f"replication must be a moe_jax.ReplicationConfig, got "
+                       f"{type(config).__name__}.")
+    if self.mesh is None:
+      raise ValueError("replication places expert copies on other devices: load the model with "
+                       "mesh=moe_jax.make_mesh(data=..., expert=...).")
+    if (config.predictor == "learned") != (learned is not None):
+      raise ValueError("predictor='learned' needs learned=<predictor params> (and only it "
+                       "reads them): train them with launch/train_predictor.py.")
+    return Replicator(config, self.moe_config, self.mesh, self.execution)
 
   def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int,
                use_cache: bool = True, eos_token_id=_CHECKPOINT_EOS,
-               moe_fn: MoEFn | None = None) -> jax.Array:
+               moe_fn: MoEFn | None = None, replication: ReplicationConfig | None = None,
+               learned: dict | None = None, return_stats: bool = False):
     """Greedy decoding: <int32>[B, P + max_new_tokens] (see `generate.py`).
 
     Args:
@@ -136,6 +160,10 @@ class DecoderModel:
       eos_token_id: omitted: the checkpoint's eos id(s); an int or a list: stop at those; None:
         never stop (as HF).
       moe_fn: optional hashable MoE hook.
+      replication: optional `ReplicationConfig`: replicas placed one MoE layer ahead in the
+        prefill and in every decode step, the load history carried from step to step.
+      learned: the learned predictor's params (predictor="learned" only).
+      return_stats: with `replication`, also return its `generate.GenerationStats`.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
@@ -146,9 +174,14 @@ class DecoderModel:
            else (int(eos_token_id),) if np.ndim(eos_token_id) == 0
            else tuple(int(i) for i in eos_token_id))
     eos = jnp.asarray(eos or (-1,), jnp.int32)     # traced: no recompilation per eos choice
-    return _generate_jit(self.params, input_ids, attention_mask, eos, cfg=self.config,
-                         moe_fn=moe_fn or self.moe_fn, max_new_tokens=max_new_tokens,
-                         use_cache=bool(use_cache), pad_token_id=self.config.generation_pad_id)
+    replicator = self._replicator(replication, learned)
+    out = _generate_jit(self.params, input_ids, attention_mask, eos, learned, cfg=self.config,
+                        moe_fn=moe_fn or self.moe_fn, max_new_tokens=max_new_tokens,
+                        use_cache=bool(use_cache), pad_token_id=self.config.generation_pad_id,
+                        replicator=replicator)
+    if replicator is None:
+      return out
+    return out if return_stats else out[0]
 
   def _check_batch(self, input_ids, attention_mask):
     input_ids = jnp.asarray(input_ids)
