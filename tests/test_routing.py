@@ -84,3 +84,81 @@ def test_sequence_capacity_mask_matches_loop():
           seen[ids[b, t, j]] += 1
           want[b, t, j] = seen[ids[b, t, j]] <= 3
   np.testing.assert_array_equal(got, want)
+
+
+def _loop_sigmoid_route(logits, bias, k, groups, top_groups, renormalize, scaling):
+  """DeepSeek-V3's router written as a per-token loop over Python lists."""
+  ids, weights = [], []
+  for row in logits.astype(np.float64):
+    scores = [1 / (1 + np.exp(-v)) for v in row]
+    choice = [s + b for s, b in zip(scores, bias)]
+    size = len(row) // groups
+    group_score = [sum(sorted(choice[g * size:(g + 1) * size])[-2:]) for g in range(groups)]
+    kept = sorted(range(groups), key=lambda g: -group_score[g])[:top_groups]
+    eligible = [e for e in range(len(row)) if e // size in kept]
+    chosen = sorted(eligible, key=lambda e: -choice[e])[:k]
+    w = [scores[e] for e in chosen]
+    if renormalize:
+      w = [v / (sum(w) + 1e-20) for v in w]
+    ids.append(chosen)
+    weights.append([v * scaling for v in w])
+  return np.array(ids), np.array(weights)
+
+
+@pytest.mark.parametrize("groups,top_groups,renormalize", [(1, 1, False), (4, 2, True),
+                                                          (8, 3, True)])
+def test_sigmoid_rule_matches_a_loop(groups, top_groups, renormalize):
+  """Selection by biased sigmoid scores within the best groups, weights from unbiased scores."""
+  from moe_jax.config import MoEConfig   # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(groups)
+  x = rng.normal(size=(30, 12)).astype(np.float32)
+  params = {"router": jnp.asarray(rng.normal(size=(12, 16)).astype(np.float32)),
+            "router_bias": jnp.asarray(0.3 * rng.normal(size=16).astype(np.float32))}
+  cfg = MoEConfig(num_experts=16, d_model=12, d_ff=4, top_k=3, router="sigmoid",
+                  num_groups=groups, top_groups=top_groups, renormalize=renormalize,
+                  routed_scaling=2.5)
+  r = routing.route(jnp.asarray(x), params, cfg)
+  ids, weights = _loop_sigmoid_route(np.asarray(r.logits), np.asarray(params["router_bias"]), 3,
+                                     groups, top_groups, renormalize, 2.5)
+  np.testing.assert_array_equal(r.expert_ids, ids)
+  np.testing.assert_allclose(r.combine_weights, weights, rtol=1e-5)
+  np.testing.assert_allclose(r.probs, 1 / (1 + np.exp(-np.asarray(r.logits))), rtol=1e-5)
+  # The bias changes the choice but never a weight: without it, other experts win.
+  unbiased = routing.route(jnp.asarray(x), {"router": params["router"]}, cfg)
+  assert (np.asarray(unbiased.expert_ids) != ids).any()
+
+
+def test_predictors_select_by_the_layers_rule():
+  """pregate under a sigmoid router counts the experts that router would choose (bias and
+  groups included), not a softmax top-k of the same logits."""
+  from moe_jax import predictor   # pylint: disable=import-outside-toplevel
+  from moe_jax.config import MoEConfig   # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(50, 12)).astype(np.float32))
+  router = jnp.asarray(rng.normal(size=(12, 16)).astype(np.float32))
+  bias = jnp.asarray(0.5 * rng.normal(size=16).astype(np.float32))
+  cfg = MoEConfig(num_experts=16, d_model=12, d_ff=4, top_k=2, router="sigmoid", num_groups=4,
+                  top_groups=2)
+  inputs = predictor.LayerInputs(x=x, next_router=router, history=jnp.zeros(16), next_bias=bias,
+                                 top_k=2, moe_cfg=cfg)
+  load, top1 = predictor.PREDICTORS["pregate"].estimate(inputs)
+  want = routing.route(x, {"router": router, "router_bias": bias}, cfg)
+  np.testing.assert_array_equal(load, want.tokens_per_expert)
+  np.testing.assert_array_equal(top1, want.expert_ids[:, 0])
+  softmax_load, _ = predictor.PREDICTORS["pregate"].estimate(inputs.replace(moe_cfg=None))
+  assert (np.asarray(softmax_load) != np.asarray(load)).any()
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(num_groups=3), r"num_groups=3 does not divide num_experts=16"),
+    (dict(num_groups=4, top_groups=5), r"top_groups=5 exceeds num_groups=4"),
+    (dict(num_groups=4, router="softmax"), r"group-limited selection is a rule of the 'sigmoid'"),
+    (dict(num_groups=8, top_groups=1, top_k=3), r"top_k=3 exceeds the 2 experts"),
+    (dict(routed_scaling=0.0), r"routed_scaling must be > 0"),
+    (dict(router="argmax"), r"router='argmax' is not one of"),
+])
+def test_router_config_errors_name_the_field(changes, match):
+  from moe_jax.config import MoEConfig   # pylint: disable=import-outside-toplevel
+  base = dict(num_experts=16, d_model=8, d_ff=4, top_k=2, router="sigmoid")
+  with pytest.raises(ValueError, match=match):
+    MoEConfig(**{**base, **changes})
