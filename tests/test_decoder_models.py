@@ -403,3 +403,19 @@ def test_boundary_errors_name_the_fix():
   sharded, _ = _model("olmoe", (2, 4))
   with pytest.raises(ValueError, match="data axis"):
     sharded.generate(ids[:3], attention_mask=mask[:3], max_new_tokens=2)
+
+
+def test_mla_latent_space_decode_equals_expanded_attention():
+  """DeepSeek's one-token decode step attends in the latent space; a prompt expands the cache
+  into keys and values. Both are the same attention (fp32 rounding)."""
+  from moe_jax.models.decoder import attention   # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  draw = lambda *shape: jnp.asarray(rng.normal(size=shape).astype(np.float32))
+  nope, rope, value, rank, heads, slots = 6, 4, 5, 12, 3, 7
+  q_nope, q_rot = draw(2, 1, heads, nope), draw(2, 1, heads, rope)
+  latents, rope_keys, kv_b = draw(2, slots, 1, rank), draw(2, slots, 1, rope), draw(rank, heads,
+                                                                                     nope + value)
+  bias = jnp.where(jnp.arange(slots) < 5, 0.0, -1e30)[None, None].repeat(2, 0)   # 2 slots unused
+  args = (q_nope, q_rot, latents, rope_keys, kv_b, bias, nope)
+  assert helpers.rel_err(attention._absorbed(*args),    # pylint: disable=protected-access
+                         attention._expanded(*args)) <= 1e-5   # pylint: disable=protected-access
