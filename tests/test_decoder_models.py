@@ -419,3 +419,16 @@ def test_mla_latent_space_decode_equals_expanded_attention():
   args = (q_nope, q_rot, latents, rope_keys, kv_b, bias, nope)
   assert helpers.rel_err(attention._absorbed(*args),    # pylint: disable=protected-access
                          attention._expanded(*args)) <= 1e-5   # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "glm4_moe", "qwen3_moe"])
+def test_bf16_import_keeps_the_sigmoid_router_in_f32(name):
+  """As HF (`_keep_in_fp32_modules_strict`): a bf16 load keeps the sigmoid routers' kernel and
+  selection bias in f32 (a bf16 bias would move selections); other leaves are bf16."""
+  model = models.from_pretrained(os.path.join(FIXTURE_DIR, name), dtype=jnp.bfloat16)
+  mlp = model.params["layers"][model.config.sparse_layers[0]]["mlp"]
+  sigmoid = name != "qwen3_moe"
+  assert mlp["router"].dtype == (jnp.float32 if sigmoid else jnp.bfloat16)
+  assert ("router_bias" in mlp) == sigmoid and mlp["wi"].dtype == jnp.bfloat16
+  if sigmoid:
+    assert mlp["router_bias"].dtype == jnp.float32

@@ -110,7 +110,8 @@ def assemble_params(source, key_map: layout.KeyMap, *, dtype=jnp.float32,
       reader of `torch_bin`).
     key_map: the family's table for the model the tensors must match exactly (see
       `check_tensors`).
-    dtype: dtype of every leaf; each tensor is cast as it is read.
+    dtype: dtype of every leaf (but those whose spec says `float32`); each tensor is cast as it
+      is read.
     place: called once per finished leaf with its host buffer; its result becomes the leaf.
   """
   np_dtype = np.dtype(dtype)
@@ -128,7 +129,8 @@ def assemble_params(source, key_map: layout.KeyMap, *, dtype=jnp.float32,
       for spec in layout.spec_parts(specs[key]):
         buffer = buffers.get(spec.path)
         if buffer is None:
-          buffer = buffers[spec.path] = np.empty(key_map.leaf_shape(spec), np_dtype)
+          leaf_dtype = np.dtype(np.float32) if spec.float32 else np_dtype
+          buffer = buffers[spec.path] = np.empty(key_map.leaf_shape(spec), leaf_dtype)
         target = buffer if spec.expert is None else buffer[spec.expert]
         target[...] = layout.to_leaf(tensor, spec)  # casts, e.g. bf16 -> f32
         del target

@@ -63,6 +63,8 @@ class TensorSpec:
       the leaf is an expert stack although `expert` is None.
     part: (axis, index, count): the leaf is chunk `index` of `count` equal chunks of the stored
       tensor along its axis `axis` (taken before the transpose), or None: all of it.
+    float32: the leaf stays float32 whatever dtype the model loads in (HF's
+      `_keep_in_fp32_modules_strict`, e.g. DeepSeek's router and its selection bias).
 
   `transpose` swaps the last two axes (a matrix's transpose; per expert for a fused stack).
   """
@@ -74,6 +76,7 @@ class TensorSpec:
   fallback: str | None = None
   all_experts: bool = False
   part: tuple[int, int, int] | None = None
+  float32: bool = False
 
 
 Entry = TensorSpec | tuple[TensorSpec, ...]   # a key's spec, or one spec per part it fills

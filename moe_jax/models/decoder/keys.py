@@ -79,9 +79,11 @@ def _moe_specs(specs: dict, cfg: DecoderConfig, i: int, fused: bool) -> None:
   mlp = ("layers", i, "mlp")
   names = cfg.EXPERT_KEYS
   block = f"model.layers.{i}.{'mlp' if fused else names.block}"
-  specs[f"{block}.gate.weight"] = _linear(mlp + ("router",), e, d)
-  if cfg.router_options["router"] == "sigmoid":
-    specs[f"{block}.gate.e_score_correction_bias"] = TensorSpec(mlp + ("router_bias",), (e,))
+  sigmoid = cfg.router_options["router"] == "sigmoid"   # HF keeps these two in f32
+  specs[f"{block}.gate.weight"] = _linear(mlp + ("router",), e, d, float32=sigmoid)
+  if sigmoid:
+    specs[f"{block}.gate.e_score_correction_bias"] = TensorSpec(mlp + ("router_bias",), (e,),
+                                                               float32=True)
   if cfg.shared_width:
     _swiglu_specs(specs, f"{block}.{names.shared}", ("layers", i, "shared_mlp"),
                   cfg.shared_width, d)
