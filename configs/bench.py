@@ -4,9 +4,12 @@
   python launch/bench.py --config=configs/bench.py:model=switch_tiny,policy=learned
   python launch/bench.py --config=configs/bench.py:model=switch_base_128 \
       --config.checkpoint=/path/to/switch-base-128
+  python launch/bench.py --config=configs/bench.py:model=qwen3_moe_tiny \
+      --config.checkpoint=/tmp/q3tiny          # trained as configs/qwen3_moe_tiny.py says
 
-arg: comma-separated key=value: model (switch_tiny | switch_base_E), policy (compare only none,
-this policy and oracle), mode (capacity mode: dropless | capacity). Tree described in
+arg: comma-separated key=value: model (the name of a preset, `moe_jax.app.presets.named`:
+switch_tiny, switch_base_E, qwen3_moe_tiny, mixtral_8x7b, ...), policy (compare only none, this
+policy and oracle), mode (capacity mode: dropless | capacity). Tree described in
 moe_jax/app/presets.py.
 """
 
@@ -19,13 +22,10 @@ def get_config(arg=None):
   if unknown:
     raise ValueError(f"configs/bench.py: unknown options {sorted(unknown)}; use model=, policy=, "
                      "mode=.")
-  model = options.get("model", "switch_tiny")
-  if model == "switch_tiny":
-    config = presets.switch_tiny()
-  elif model.startswith("switch_base_"):
-    config = presets.switch_base(int(model[len("switch_base_"):]))
-  else:
-    raise ValueError(f"configs/bench.py: model={model!r}; use switch_tiny or switch_base_E.")
+  try:
+    config = presets.named(options.get("model", "switch_tiny"))
+  except ValueError as e:
+    raise ValueError(f"configs/bench.py: model=: {e}") from None
   if "policy" in options:
     config.bench.policies = ",".join(dict.fromkeys(["none", options["policy"], "oracle"]))
   if "mode" in options:

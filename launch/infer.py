@@ -1,9 +1,11 @@
-"""Generate with a Switch model: text (or token ids) in, text/ids out, with per-layer balance.
+"""Generate with a model of any family: text or token ids in, text/ids out, per-layer balance.
 
   python launch/infer.py --text="The assert statement"              # the shipped tiny model
   python launch/infer.py --config=configs/switch_base_8.py \
       --config.checkpoint=/path/to/switch-base-8 --text="translate English to German: Hello"
   python launch/infer.py --ids=37,423,5 --max_new_tokens=16
+  python launch/infer.py --config=configs/qwen3_moe_tiny.py \
+      --config.checkpoint=tests/fixtures/decoder/qwen3_moe --ids=3,14,15   # decoder-only families
   python launch/local_cluster.py --num_processes=2 --devices_per_process=4 -- \
       python launch/infer.py --text="The assert statement" --config.cpu_devices=4
 
@@ -12,7 +14,10 @@ without replication), then, per MoE layer of the pass over the prompt (Switch: t
 tokens per device and balancedness under config.replication.predictor (with r replica slots).
 Progress (load, compile + generate, balance passes) is logged to stderr. A prompt longer than
 --config.data.max_input_tokens (default 4096 for the shipped model; memory grows with the square
-of the length) or an empty one is refused with one line.
+of the length) or an empty one is refused with one line. --text needs a SentencePiece model in
+the checkpoint dir (spiece.model); for a Hugging Face decoder checkpoint (tokenizer.json, which
+moe_jax does not read) pass the prompt's token ids with --ids. A checkpoint of another family
+than --config's is one line.
 """
 
 import _setup
@@ -58,8 +63,9 @@ def main(argv):
   tokens = distributed.gather(model.generate(input_ids, attention_mask=mask,
                                             max_new_tokens=f.max_new_tokens,
                                             use_cache=f.use_cache))
-  logging.info("generated in %.1f s; measuring the prompt pass's per-layer balance (none and "
-               "%s, each compiled once)", time.perf_counter() - start, job.replication.predictor)
+  logging.info("generated in %.1f s; measuring the prompt pass's per-layer balance (%s, each "
+               "compiled once)", time.perf_counter() - start,
+               " and ".join(dict.fromkeys(("none", job.replication.predictor))))
   # Every process runs these passes over the prompt.
   start = time.perf_counter()
   moved = workflows.replica_bytes_of(job, model, input_ids, mask)

@@ -2,9 +2,11 @@
 
 import glob
 import importlib.util
+import inspect
 import os
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from moe_jax import predictor
@@ -26,29 +28,110 @@ def _load(path, arg=None):
 
 
 def test_there_are_configs():
-  names = {os.path.basename(f) for f in FILES}
-  assert {"bench.py", "switch_tiny.py"} <= names
-  assert {f"switch_base_{e}.py" for e in (8, 16, 32, 64, 128, 256)} <= names
+  names = {os.path.basename(f)[:-3] for f in FILES}
+  assert {"bench", "switch_tiny"} <= names
+  assert {f"switch_base_{e}" for e in (8, 16, 32, 64, 128, 256)} <= names
+  assert set(presets.DECODERS) <= names                 # every decoder preset has its file
+  for family in ("qwen3_moe", "mixtral", "olmoe"):
+    assert f"{family}_tiny" in names
+
+
+@pytest.mark.parametrize("path", [f for f in FILES if not f.endswith("bench.py")],
+                         ids=os.path.basename)
+def test_config_file_is_its_named_preset(path):
+  """configs/<name>.py is presets.named(name), so bench.py's model=<name> runs the same tree."""
+  name = os.path.basename(path)[:-3]
+  assert _load(path).to_dict() == presets.named(name).to_dict()
 
 
 @pytest.mark.parametrize("path", FILES, ids=os.path.basename)
 def test_config_builds_typed_objects(path):
+  """Every config: typed objects, the MoE layer the family's Config implies, and windows that are
+  exactly the keyword arguments of the family's `text_windows`. Cheap: nothing is compiled."""
   job = config_lib.from_tree(_load(path))
-  moe_cfg = job.family.moe_config(job.model, jnp.float32)
-  assert moe_cfg.num_experts == job.model.num_experts and moe_cfg.top_k == 1
+  cfg = job.model
+  moe_cfg = job.family.moe_config(cfg, jnp.float32)
+  assert moe_cfg.num_experts == cfg.num_experts
+  if job.family.NAME == "switch":
+    assert moe_cfg.top_k == 1
+  else:
+    assert moe_cfg.top_k == cfg.num_experts_per_tok <= cfg.num_experts
   assert job.replication.predictor in predictor.KINDS
   assert job.replication.num_replica_slots >= 0
   assert job.mesh.data >= 1 and (job.mesh.expert == -1 or job.mesh.expert >= 1)
   assert set(job.bench.capacity_modes) <= {"dropless", "capacity"}
-  assert dict(job.data.window) == {"encoder_len": 64, "decoder_len": 64}
+  window = dict(job.data.window)
+  keywords = [p.name for p in inspect.signature(job.family.text_windows).parameters.values()
+              if p.kind == p.KEYWORD_ONLY and p.name != "stride"]
+  assert sorted(window) == sorted(keywords)
+  stream = np.arange(4 * sum(window.values()) + 8, dtype=np.int32) % cfg.vocab_size
+  batch = job.family.text_windows(stream, stride=None, **window)
+  assert len(batch["input_ids"]) >= 3
+
+
+# MixtralConfig.from_hf_dict reads "bos_token_id": null as absent (its default, 1); transformers
+# reads it as None. Remove the mark when decoder/config.py keeps explicit nulls.
+@pytest.mark.parametrize("path", FILES, ids=os.path.basename)
+def test_config_model_survives_its_config_json(path):
+  """`model` is what the family's config.json says: to_hf_dict -> from_hf_dict gives it back
+  (a checkpoint trained from the config, or converted, reloads as the same model)."""
+  job = config_lib.from_tree(_load(path))
+  assert job.family.Config.from_hf_dict(job.model.to_hf_dict()) == job.model
+
+
+# Released sizes (model cards, in billions of parameters: total, active per token).
+RELEASED = {
+    "qwen3_moe_30b_a3b": (30.5, 3.3),     # Qwen/Qwen3-30B-A3B
+    "mixtral_8x7b": (46.7, 12.9),         # mistralai/Mixtral-8x7B-v0.1
+    "olmoe_1b_7b": (6.9, 1.3),            # allenai/OLMoE-1B-7B-0924
+    "qwen1_5_moe_a2_7b": (14.3, 2.7),     # Qwen/Qwen1.5-MoE-A2.7B
+    "deepseek_v3": (671.0, 37.0),         # deepseek-ai/DeepSeek-V3 (without its MTP layer)
+    "glm4_5_air": (106.0, 12.0),          # zai-org/GLM-4.5-Air (without its MTP layer)
+}
+# The model card counts active parameters without the embedding and the LM head.
+ACTIVE_WITHOUT_EMBEDDINGS = ("glm4_5_air",)
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_released_shapes_have_the_released_parameter_counts(name):
+  """The checkpoint's tensor shapes (the family's key map, nothing allocated) add up to the
+  released model's size, and the experts of one token to its active size."""
+  job = config_lib.from_tree(presets.named(name))
+  key_map = job.family.hf_key_map(job.model)
+  sizes = {path: int(np.prod(shape)) for path, shape in key_map.leaf_shapes().items()}
+  experts = sum(sizes[path] for path in key_map.expert_paths())
+  total = sum(sizes.values())
+  active = total - experts * (1 - job.model.num_experts_per_tok / job.model.num_experts)
+  if name in ACTIVE_WITHOUT_EMBEDDINGS:
+    active -= sizes[("embed",)] + sizes.get(("lm_head",), 0)
+  # Cards round (671B, 37B, 12B): within 2%, or 0.06B for the small ones.
+  total_b, active_b = RELEASED[name]
+  assert total / 1e9 == pytest.approx(total_b, rel=0.02, abs=0.06)
+  assert active / 1e9 == pytest.approx(active_b, rel=0.02, abs=0.06)
+  assert job.checkpoint == ""           # the user points it at the download
 
 
 def test_bench_options():
   config = _load(os.path.join(CONFIG_DIR, "bench.py"), "model=switch_base_128,policy=learned")
   assert config.model.num_experts == 128
   assert config.bench.policies == "none,learned,oracle"
+  config = _load(os.path.join(CONFIG_DIR, "bench.py"), "model=olmoe_tiny,mode=dropless")
+  assert config.model.family == "olmoe" and config.bench.capacity_modes == "dropless"
   with pytest.raises(ValueError, match="unknown options"):
     _load(os.path.join(CONFIG_DIR, "bench.py"), "modle=switch_tiny")
+  with pytest.raises(ValueError, match=r"model=: no preset named 'gpt9'; use switch_tiny, "
+                     r"switch_base_<E> or one of qwen3_moe_tiny, "):
+    _load(os.path.join(CONFIG_DIR, "bench.py"), "model=gpt9")
+
+
+def test_decoder_fields_left_unset_can_be_set_from_the_command_line():
+  """A None field (bos_token_id, clip_qkv, ...) is a placeholder: config_flags refuses to
+  override a plain None, so --config.model.bos_token_id=5 would otherwise fail."""
+  config = presets.named("olmoe_1b_7b")
+  assert config.model.bos_token_id is None and config.model.clip_qkv is None
+  config.model.bos_token_id, config.model.clip_qkv = 5, 8.0
+  job = config_lib.from_tree(config)
+  assert job.model.bos_token_id == 5 and job.model.clip_qkv == 8.0
 
 
 @pytest.mark.parametrize("section, key, value, message", [

@@ -421,11 +421,20 @@ def test_mla_latent_space_decode_equals_expanded_attention():
                          attention._expanded(*args)) <= 1e-5   # pylint: disable=protected-access
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3", "glm4_moe", "qwen3_moe"])
-def test_bf16_import_keeps_the_sigmoid_router_in_f32(name):
+@pytest.mark.parametrize("name,fmt", [("deepseek_v3", "hf"), ("glm4_moe", "hf"),
+                                      ("qwen3_moe", "hf"), ("deepseek_v3", "orbax")])
+def test_bf16_import_keeps_the_sigmoid_router_in_f32(name, fmt, tmp_path):
   """As HF (`_keep_in_fp32_modules_strict`): a bf16 load keeps the sigmoid routers' kernel and
-  selection bias in f32 (a bf16 bias would move selections); other leaves are bf16."""
-  model = models.from_pretrained(os.path.join(FIXTURE_DIR, name), dtype=jnp.bfloat16)
+  selection bias in f32 (a bf16 bias would move selections); other leaves are bf16. The same
+  from a moe_jax orbax checkpoint."""
+  path = os.path.join(FIXTURE_DIR, name)
+  if fmt == "orbax":
+    from moe_jax.checkpoints import orbax_io   # pylint: disable=import-outside-toplevel
+    model, _ = _model(name)
+    path = orbax_io.save_params(str(tmp_path / "orbax"), model.params,
+                                config_json=model.config.to_hf_dict(), family=name,
+                                key_map=models.get_family(name).hf_key_map(model.config))
+  model = models.from_pretrained(path, dtype=jnp.bfloat16)
   mlp = model.params["layers"][model.config.sparse_layers[0]]["mlp"]
   sigmoid = name != "qwen3_moe"
   assert mlp["router"].dtype == (jnp.float32 if sigmoid else jnp.bfloat16)

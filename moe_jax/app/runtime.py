@@ -93,12 +93,21 @@ def checkpoint_dir(job: Job) -> str:
 
 
 def checkpoint_config(job: Job):
-  """(family module, its Config) of config.checkpoint, from its config only (no weights)."""
+  """(family module, its Config) of config.checkpoint, from its config only (no weights).
+
+  UsageError when the checkpoint holds another family than --config.model.family, so a launch
+  script finds out before it reads a prompt or any weight with the wrong family.
+  """
   path = checkpoint_dir(job)
   try:
-    return models.checkpoint_config(path)
+    family, config = models.checkpoint_config(path)
   except (FileNotFoundError, ValueError) as e:   # absent, corrupt or unsupported config
     raise _checkpoint_error(e, job) from None
+  if family is not job.family:
+    raise UsageError(f"checkpoint {job.checkpoint!r} holds a {family.NAME!r} model but "
+                     f"--config.model.family={job.family.NAME!r}; pass a --config of that family "
+                     f"(configs/{family.NAME}_*.py) or another --config.checkpoint.")
+  return family, config
 
 
 def load_tokenizer(job: Job):
@@ -115,10 +124,7 @@ def load_model(job: Job, *, mesh=None, dtype=jnp.float32):
   do not split over the mesh) is a UsageError naming the file or the flag.
   """
   path = checkpoint_dir(job)
-  family, config = checkpoint_config(job)
-  if family is not job.family:
-    raise UsageError(f"checkpoint {job.checkpoint!r} holds a {family.NAME!r} model but "
-                     f"--config.model.family={job.family.NAME!r}; change one of them.")
+  family, config = checkpoint_config(job)    # checks the family
   if mesh is not None:
     check_experts_fit(family.moe_config(config, dtype).num_experts, mesh, job.mesh)
   try:

@@ -38,6 +38,9 @@ def pydoc_windows(job: Job, tokenizer, split: str) -> dict:
 
 def train_on_pydoc(job: Job, out_dir: str, *, force: bool = False) -> dict:
   """Trains tokenizer + model; saves both to `out_dir`; returns the summary stored with them."""
+  if not out_dir:
+    raise UsageError("nowhere to save the trained model: pass --config.train.out_dir=DIR (or "
+                     "--config.checkpoint=DIR).")
   from moe_jax.checkpoints import orbax_io  # pylint: disable=import-outside-toplevel
   family, model_cfg = job.family, job.model
   if os.path.exists(os.path.join(out_dir, orbax_io.MANIFEST_NAME)) and not force:

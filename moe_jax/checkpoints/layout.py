@@ -179,6 +179,10 @@ class KeyMap:
     return build_tree({path: jax.ShapeDtypeStruct(shape, dtype)
                        for path, shape in self.leaf_shapes().items()})
 
+  def float32_paths(self) -> frozenset[TreePath]:
+    """Tree paths of the leaves that stay float32 whatever the load dtype (`TensorSpec.float32`)."""
+    return frozenset(spec.path for _, spec in self.entries() if spec.float32)
+
   def expert_paths(self) -> frozenset[TreePath]:
     """Tree paths of the expert stacks (the leaves filled by expert slices or fused stacks)."""
     return frozenset(spec.path for _, spec in self.entries()

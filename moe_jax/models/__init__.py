@@ -106,8 +106,11 @@ def load_params(path: str, family: types.ModuleType, config, *, mesh=None, dtype
     from moe_jax.checkpoints import hf_io  # pylint: disable=import-outside-toplevel
     return hf_io.load_params(path, family.hf_key_map(config), dtype=dtype, mesh=mesh)
   from moe_jax.checkpoints import orbax_io  # pylint: disable=import-outside-toplevel
+  from moe_jax.checkpoints import layout  # pylint: disable=import-outside-toplevel
   params = orbax_io.restore_params(path, mesh=mesh)
-  return jax.tree.map(lambda x: x.astype(dtype), params)
+  keep = family.hf_key_map(config).float32_paths()   # as the HF import: e.g. sigmoid routers
+  return layout.build_tree({where: leaf.astype(jnp.float32 if where in keep else dtype)
+                            for where, leaf in layout.flatten(params).items()})
 
 
 def load_checkpoint(path: str, *, mesh=None, dtype=jnp.float32):

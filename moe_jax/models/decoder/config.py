@@ -213,9 +213,9 @@ class DecoderConfig:
     kwargs = {}
     for ours, names in {**{f.name: (f.name,) for f in dataclasses.fields(cls)},
                         **cls.HF_NAMES}.items():
-      found = [d[n] for n in names if d.get(n) is not None]
-      if found:
-        kwargs[ours] = found[0]
+      present = [n for n in names if n in d]
+      if present:          # the first non-null spelling; an explicit null stays None (bos...)
+        kwargs[ours] = next((d[n] for n in present if d[n] is not None), None)
     kwargs["rope_theta"] = rope_theta(d, cls.rope_theta)
     partial = partial_rotary_factor(d)
     if "partial_rotary_factor" in fields:

@@ -1,0 +1,21 @@
+"""A tiny random GLM-4-MoE (family `glm4_moe`): 4 layers (layer 0 dense), hidden 64, head_dim 16
+(half rotary), q/k/v biases and q/k norm, 16 experts of width 32, top-2, one shared expert; a
+CPU runs it in seconds.
+
+  python launch/infer.py --config=configs/glm4_moe_tiny.py \
+      --config.checkpoint=tests/fixtures/decoder/glm4_moe --ids=3,14,15 --max_new_tokens=8
+  python launch/train.py --config=configs/glm4_moe_tiny.py --config.train.out_dir=/tmp/glm4_moe_tiny
+  python launch/infer.py --config=configs/glm4_moe_tiny.py --config.checkpoint=/tmp/glm4_moe_tiny \
+      --text="The assert statement"
+
+No checkpoint ships with it: point --config.checkpoint at a glm4_moe checkpoint (a Hugging Face
+dir or a moe_jax orbax dir; its own config wins over `model`), or train one on the pydoc text
+(a 2048-piece vocabulary, eos 1, pad 0). The tree is described in moe_jax/app/presets.py.
+"""
+
+from moe_jax.app import presets
+
+
+def get_config(arg=None):
+  del arg
+  return presets.named("glm4_moe_tiny")
