@@ -166,3 +166,174 @@ def machine_rates(d_model: int, d_ff: int) -> dict:
   from moe_jax.sim import fit  # pylint: disable=import-outside-toplevel
   return {"memory_bytes_per_s": fit.memory_bytes_per_s(repeats=5),
           "flops_per_s": fit.expert_flops_per_s(1024, d_model, d_ff, repeats=5)}
+
+
+# --- decoder-only families (used by decoder_vs_hf.py) ---
+
+
+def _nbytes(a) -> int:
+  return int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize
+
+
+def _size(a) -> int:
+  return int(np.prod(np.shape(a)))
+
+
+def distinct_experts(num_experts: int, choices: int) -> float:
+  """Expected distinct experts `choices` uniform top-k choices hit: E * (1 - (1 - 1/E)**choices)."""
+  return num_experts * (1 - (1 - 1 / num_experts) ** choices)
+
+
+def _decoder_head(params: dict, cfg):
+  return params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+
+
+def _decoder_layer_parts(layer: dict) -> tuple[list, dict | None]:
+  """(always-read arrays of one layer: norms, attention and a dense MLP; its MoE MLP or None)."""
+  always = [layer["attn_norm"], layer["mlp_norm"], *layer["attn"].values()]
+  mlp = layer["mlp"]
+  if "router" in mlp:
+    return always, mlp
+  return always + [mlp[k] for k in ("wi_gate", "wi", "wo")], None
+
+
+def decoder_decode_step_need(params: dict, cfg, batch: int, context: float) -> dict:
+  """Bytes and FLOPs of one cached greedy decode step of `batch` rows (any implementation).
+
+  Bytes read at least once, per layer: its norms, attention q/k/v/o (+ q/k norms), the K and V
+  cache of `context` valid slots per row (2 * B * context * Hkv * hd), then a dense MLP's weights
+  or an MoE layer's router plus the experts the B * k choices hit, estimated with uniform routing
+  (`distinct_experts`); then the final norm and the LM head (the embedding when tied). FLOPs: 2
+  per weight entry per token (k experts per token) plus 4 * H * hd * context per token for the
+  attention scores and weighted sum. The B embedding rows and activations are left out (the
+  bound under-counts).
+
+  Args:
+    params: the decoder params tree (see moe_jax.models.decoder.config).
+    cfg: its `DecoderConfig`.
+    batch: B rows decoding one token each.
+    context: mean valid cache slots a step attends to (prompt + tokens generated so far).
+  """
+  total, flops, experts_read = 0.0, 0.0, []
+  cache_itemsize = np.dtype(params["embed"].dtype).itemsize
+  kv_width = cfg.num_key_value_heads * cfg.head_width
+  for layer in params["layers"]:
+    always, moe = _decoder_layer_parts(layer)
+    total += sum(_nbytes(a) for a in always)
+    flops += 2.0 * batch * sum(_size(a) for a in always if np.ndim(a) == 2)
+    total += 2 * batch * context * kv_width * cache_itemsize
+    flops += 4.0 * batch * cfg.num_attention_heads * cfg.head_width * context
+    if moe is not None:
+      num_experts = np.shape(moe["wi"])[0]
+      per_expert = sum(_nbytes(moe[k]) for k in ("wi_gate", "wi", "wo")) / num_experts
+      per_expert_size = sum(_size(moe[k]) for k in ("wi_gate", "wi", "wo")) / num_experts
+      hit = distinct_experts(num_experts, batch * cfg.num_experts_per_tok)
+      total += _nbytes(moe["router"]) + hit * per_expert
+      flops += 2.0 * batch * (_size(moe["router"]) + cfg.num_experts_per_tok * per_expert_size)
+      experts_read.append(round(hit, 2))
+  head = _decoder_head(params, cfg)
+  total += _nbytes(head) + _nbytes(params["final_norm"])
+  flops += 2.0 * batch * _size(head)
+  return {"bytes": int(total), "flops": flops, "context": context,
+          "distinct_experts_per_moe_layer": experts_read}
+
+
+def decoder_prefill_need(params: dict, cfg, batch: int, length: int,
+                         experts_hit: list[int] | None = None) -> dict:
+  """Bytes and FLOPs of one forward over B x L prompt tokens with every position's logits (what
+  `model(ids)` computes on both sides), from an empty cache.
+
+  Bytes read at least once: every layer's norms, attention and dense MLP weights, each MoE
+  layer's router plus the experts its tokens chose (`experts_hit[i]` for the i-th MoE layer, from
+  the real routing; None: the uniform estimate for B * L * k choices), the final norm and the LM
+  head. FLOPs: 2 * T per weight entry a token uses (attention, router, its k experts' three
+  matrices, the LM head) plus causal attention: 4 * H * hd per (query, key at or before it) pair,
+  B * L * (L + 1) / 2 pairs. Embedding lookups, norms, rotary and softmax are left out (the bound
+  under-counts).
+  """
+  tokens = batch * length
+  pairs = batch * length * (length + 1) / 2
+  total, flops, moe_index, hits = 0.0, 0.0, 0, []
+  for layer in params["layers"]:
+    always, moe = _decoder_layer_parts(layer)
+    total += sum(_nbytes(a) for a in always)
+    flops += 2.0 * tokens * sum(_size(a) for a in always if np.ndim(a) == 2)
+    flops += 4.0 * pairs * cfg.num_attention_heads * cfg.head_width
+    if moe is not None:
+      num_experts = np.shape(moe["wi"])[0]
+      per_expert = sum(_nbytes(moe[k]) for k in ("wi_gate", "wi", "wo")) / num_experts
+      per_expert_size = sum(_size(moe[k]) for k in ("wi_gate", "wi", "wo")) / num_experts
+      hit = (experts_hit[moe_index] if experts_hit is not None
+             else distinct_experts(num_experts, tokens * cfg.num_experts_per_tok))
+      total += _nbytes(moe["router"]) + hit * per_expert
+      flops += 2.0 * tokens * (_size(moe["router"]) + cfg.num_experts_per_tok * per_expert_size)
+      hits.append(hit)
+      moe_index += 1
+  head = _decoder_head(params, cfg)
+  total += _nbytes(head) + _nbytes(params["final_norm"])
+  flops += 2.0 * tokens * _size(head)
+  return {"bytes": int(total), "flops": flops, "experts_hit_per_moe_layer": hits}
+
+
+def bound_of(need: dict, machine: dict) -> dict:
+  """need {"bytes", "flops"} -> max(bytes / bandwidth, FLOPs / matmul FLOP/s), both parts, in s.
+
+  machine: {"memory_bytes_per_s", "flops_per_s"} (e.g. `best_rates`)."""
+  memory_s = need["bytes"] / machine["memory_bytes_per_s"]
+  compute_s = need["flops"] / machine["flops_per_s"]
+  return {"memory_bound_s": memory_s, "compute_bound_s": compute_s,
+          "bound_s": max(memory_s, compute_s)}
+
+
+def _fastest_s(fn, repeats: int) -> float:
+  """The fastest of `repeats` timed calls of fn() (after one untimed call): on a shared machine
+  the fastest run is the closest to what the hardware can do, which is what a bound needs."""
+  import time  # pylint: disable=import-outside-toplevel
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def xla_peak_rates(d_model: int, d_ff: int, *, tokens: int = 1024, num_bytes: int = 1 << 28,
+                   repeats: int = 7) -> dict:
+  """`machine_rates`' two measurements (a jitted sum of a large f32 array; relu(x wi) wo on
+  <f32>[tokens, d_model]) on the default jax device, from the fastest of `repeats` runs."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  key = jax.random.key(0)
+  big = jnp.ones((num_bytes // 4,), jnp.float32)
+  x = jax.random.normal(key, (tokens, d_model))
+  wi = jax.random.normal(key, (d_model, d_ff)) * d_model ** -0.5
+  wo = jax.random.normal(key, (d_ff, d_model)) * d_ff ** -0.5
+  total = jax.jit(jnp.sum)
+  ffn = jax.jit(lambda x, wi, wo: jax.nn.relu(x @ wi) @ wo)
+  memory = num_bytes / _fastest_s(lambda: jax.block_until_ready(total(big)), repeats)
+  flops = 4.0 * tokens * d_model * d_ff / _fastest_s(
+      lambda: jax.block_until_ready(ffn(x, wi, wo)), repeats)
+  return {"memory_bytes_per_s": memory, "flops_per_s": flops}
+
+
+def torch_rates(d_model: int, d_ff: int, *, tokens: int = 1024, num_bytes: int = 1 << 28,
+                repeats: int = 7) -> dict:
+  """`xla_peak_rates` measured with torch at its current thread count (same shapes, fastest
+  of `repeats` runs)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  gen = torch.Generator().manual_seed(0)
+  big = torch.ones(num_bytes // 4, dtype=torch.float32)
+  x = torch.randn(tokens, d_model, generator=gen)
+  wi = torch.randn(d_model, d_ff, generator=gen) * d_model ** -0.5
+  wo = torch.randn(d_ff, d_model, generator=gen) * d_ff ** -0.5
+  with torch.inference_mode():
+    memory = num_bytes / _fastest_s(lambda: big.sum().item(), repeats)
+    flops = 4.0 * tokens * d_model * d_ff / _fastest_s(lambda: torch.relu(x @ wi) @ wo, repeats)
+  return {"memory_bytes_per_s": memory, "flops_per_s": flops}
+
+
+def best_rates(*rates: dict) -> dict:
+  """The fastest measured memory bandwidth and FLOP/s among several measurements (dicts of
+  `machine_rates` form): what this machine can do, whoever measured it."""
+  return {key: max(r[key] for r in rates) for key in ("memory_bytes_per_s", "flops_per_s")}
