@@ -3,7 +3,7 @@
   bash benchmarks/gpu_check.sh                   # on the GPU machine (writes benchmarks/results/)
   python benchmarks/gpu_check.py --smoke --out_dir=/tmp/x    # tiny shapes on CPU, ~30 s
 
-Three parts, each guarded so one failure still leaves the others' results:
+Four parts, each guarded so one failure still leaves the others' results:
   (a) grouped matmul: the expert FFN through moe_jax's `ragged_dot` backend vs one dense FFN of
       equal FLOPs, bfloat16, switch-base-128 shapes (d 768, f 3072, E 128), 8k-32k tokens, balanced
       and Zipf(1.2) group sizes; TFLOP/s = 4 T d f / time.
@@ -15,6 +15,17 @@ Three parts, each guarded so one failure still leaves the others' results:
       time, as a fraction of the MoE layer's time, on the devices present (one GPU: an expert axis
       of 1, so the placement has nowhere to put replicas and the prefetch moves nothing; the
       fraction is then the fixed overhead of running them).
+  (d) a decoder family (Qwen3-MoE, random weights, float32 at "highest" matmul precision): prefill
+      (generate's first pass: the prompt into the KV cache, first token's logits) and KV-cached
+      greedy decode (`model.generate`), expert-parallel on the devices' ('data', 'expert') mesh,
+      home slots only (`DefaultMoE`) and with replicas (`replication=ReplicationConfig(
+      predictor="pregate", num_replica_slots=2)`: a `StackRunner` per decoder pass, the load
+      history carried from pass to pass); checks that replicas change nothing (hidden states and
+      logits <= 1e-6 relative, same routing, identical generated tokens) and times both phases of
+      both (decode step = (generate - prefill) / N). The backends are ExecutionConfig's "auto"
+      ones (or --backend): ragged_dot + ragged all-to-all on GPU (recorded in the result as
+      gmm_backend / all_to_all). One GPU: an expert axis of 1 leaves replicas nowhere to go (as
+      in (c)); the CPU smoke test also runs it on 8 simulated devices, where they compute tokens.
 Results: <out_dir>/gpu_check_<date>_<host>_<device>.json (default out_dir benchmarks/results).
 Only argparse, numpy, jax and moe_jax are needed; torch + transformers only for part (b)'s peer.
 """
@@ -38,25 +49,41 @@ import numpy as np  # noqa: E402
 FULL = dict(d_model=768, d_ff=3072, num_experts=128, tokens=(8192, 16384, 32768),
             model=dict(vocab_size=32128, d_model=768, d_ff=3072, d_kv=64, num_heads=12),
             layers=4, batches=((8, 512), (32, 512)), moe_tokens=16384, replica_slots=4,
-            rounds=10)
+            rounds=10,
+            decoder=dict(config=dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                                     moe_intermediate_size=512, num_hidden_layers=4,
+                                     num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+                                     num_experts=64, num_experts_per_tok=8, norm_topk_prob=True,
+                                     max_position_embeddings=4096),
+                         batch=8, prompt=512, new_tokens=32, rounds=3))
 SMOKE = dict(d_model=64, d_ff=128, num_experts=8, tokens=(256,),
              model=dict(vocab_size=512, d_model=64, d_ff=128, d_kv=16, num_heads=4),
-             layers=2, batches=((2, 32),), moe_tokens=256, replica_slots=2, rounds=2)
+             layers=2, batches=((2, 32),), moe_tokens=256, replica_slots=2, rounds=2,
+             decoder=dict(config=dict(vocab_size=256, hidden_size=32, intermediate_size=64,
+                                      moe_intermediate_size=16, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                                      max_position_embeddings=256),
+                          batch=2, prompt=8, new_tokens=4, rounds=2))
 
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU-friendly, < 60 s)")
   parser.add_argument("--out_dir", default=os.path.join(HERE, "results"), help="result folder")
-  parser.add_argument("--parts", default="a,b,c", help="comma-separated subset of a,b,c")
+  parser.add_argument("--parts", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
   parser.add_argument("--dtype", default=None,
                       help="bfloat16 or float32; default bfloat16 (float32 with --smoke, where "
                       "the agreement check is then tight)")
   parser.add_argument("--layers", type=int, default=None, help="blocks per stack in part (b)")
   parser.add_argument("--backend", default=None,
-                      help="grouped-matmul backend for (a) and (c); default ragged_dot on GPU, "
-                      "the CPU default on CPU")
-  return parser.parse_args(argv)
+                      help="grouped-matmul backend for (a), (c) and (d); default ragged_dot on "
+                      "GPU, the CPU default on CPU")
+  args = parser.parse_args(argv)
+  unknown = set(args.parts.split(",")) - set("abcd")
+  if unknown:
+    parser.error(f"--parts: unknown part(s) {sorted(unknown)}; use a subset of a,b,c,d")
+  return args
 
 
 def timed(fn, rounds):
@@ -76,7 +103,8 @@ def guarded(name, fn, log):
   try:
     result = fn()
   except Exception as e:  # pylint: disable=broad-except
-    result = {"error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-4000:]}
+    result = {"error": f"{type(e).__name__}: {e}"[:2000],
+              "traceback": traceback.format_exc()[-4000:]}
     log(f"part {name} failed: {result['error'][:500]}")
   result["wall_s"] = time.perf_counter() - start
   return result
@@ -260,11 +288,197 @@ def part_replication(shapes, dtype, backend, log):
   return result
 
 
+# --- (d) a decoder family: prefill + KV-cached decode, with and without replicas ---
+
+
+def expert_mesh(num_experts):
+  """A (1, De) mesh: De the largest device count that divides both the devices and E."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import moe_jax  # pylint: disable=import-outside-toplevel
+  devices = len(jax.devices())
+  expert_axis = max(dv for dv in range(1, devices + 1)
+                    if devices % dv == 0 and num_experts % dv == 0)
+  return moe_jax.make_mesh(1, expert_axis)
+
+
+def placed_params(family, config, mesh, seed=0):
+  """The family's random params on `mesh`: expert stacks sharded over 'expert', the rest
+  replicated (as `from_pretrained(..., mesh=mesh)` places them)."""
+  from moe_jax.checkpoints import hf_io, layout  # pylint: disable=import-outside-toplevel
+  key_map = family.hf_key_map(config)
+  place = hf_io.device_placer(mesh, "expert", key_map.expert_paths())
+  flat = layout.flatten(family.random_params(config, seed=seed))
+  return layout.build_tree({path: place(path, leaf) for path, leaf in flat.items()})
+
+
+REPLICATION = dict(predictor="pregate", num_replica_slots=2)
+
+
+def decoder_programs(model, max_new_tokens):
+  """(prefill, generate), each taking `replicate`: False runs home slots only (the model's
+  `DefaultMoE`), True replicas placed one MoE layer ahead (`replication.Replicator`: a fresh
+  `StackRunner` per decoder pass, the load history carried from pass to pass).
+
+  generate is the model's own (`model.generate(..., replication=...)`, no eos: every row decodes
+  all steps) and returns (tokens <int32>[B, P + N], rows computed in replica slots over all
+  passes). prefill is its first pass, jitted alone (the prompt into a cache of P + N slots, then
+  the first token's logits); it returns (hidden <f>[B, P, d], first-token logits <f32>[B, V],
+  routing <int32>[MoE layers, B, P, k], rows computed in replica slots, replica slots filled,
+  the cache).
+  """
+  import functools  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from moe_jax import replication  # pylint: disable=import-outside-toplevel
+  from moe_jax.models.decoder import generate as decoder_generate  # pylint: disable=C0415
+  from moe_jax.models.decoder import stack  # pylint: disable=import-outside-toplevel
+  cfg = model.config
+  rcfg = replication.ReplicationConfig(**REPLICATION)
+  replicator = replication.Replicator(rcfg, model.moe_config, model.mesh, model.execution)
+  home = cfg.num_experts // model.mesh.shape["expert"]
+
+  def filled(runner):
+    tables = [r.slot_table for records in runner.records().values() for r in records]
+    return sum(jnp.sum(t[:, home:] >= 0) for t in tables).astype(jnp.int32)
+
+  @functools.partial(jax.jit, static_argnames="replicate")
+  def prefill(params, ids, mask, replicate):
+    batch, prompt = ids.shape
+    full_mask = jnp.concatenate([mask, jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
+    positions = decoder_generate.generation_positions(full_mask)[:, :prompt]
+    cache = stack.init_cache(cfg, batch, prompt + max_new_tokens, params["embed"].dtype)
+    runner = None
+    if replicate:
+      layers = stack.moe_layers(params, cfg)
+      runner = replicator.runner(layers, replicator.init_state(layers))
+    hidden, cache, records = stack.decode(params, cfg, ids, positions, full_mask, cache,
+                                          moe_fn=model.moe_fn if runner is None else runner.moe_fn)
+    first = stack.lm_logits(params, cfg, hidden[:, -1:])[:, 0]
+    routing = jnp.stack([r.expert_index for r in records])
+    zero = jnp.zeros((), jnp.int32)
+    counts = (zero, zero) if runner is None else (runner.replica_rows(), filled(runner))
+    return (hidden, first, routing) + counts + (cache,)
+
+  def generate(params, ids, mask, replicate):
+    del params   # the model's own
+    if not replicate:
+      return model.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_id=None), 0
+    tokens, stats = model.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_id=None,
+                                   replication=rcfg, return_stats=True)
+    return tokens, stats.replica_rows
+
+  return prefill, generate
+
+
+def rel_diff(a, b):
+  """max |a - b| / max |b| in float64."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
+
+
+def time_decoder(programs, params, ids, mask, replicate, rounds, new_tokens):
+  """Prefill and per-step decode times of one variant (decode: (generate - prefill) /
+  new_tokens; every row decodes all steps: no eos)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  prefill, generate = programs
+  prefill_s = timed(lambda: jax.block_until_ready(prefill(params, ids, mask, replicate)), rounds)
+  generate_s = timed(lambda: jax.block_until_ready(generate(params, ids, mask, replicate)),
+                     rounds)
+  batch, prompt = ids.shape
+  decode_s = max(generate_s - prefill_s, 0.0) / new_tokens
+  return {"prefill_ms": prefill_s * 1e3,
+          "prefill_tok_s": batch * prompt / prefill_s, "generate_ms": generate_s * 1e3,
+          "decode_step_ms": decode_s * 1e3,
+          "decode_tok_s": batch / decode_s if decode_s > 0 else None}
+
+
+def check_replicas(programs, params, ids, mask):
+  """Replicated vs home-only prefill and generate of the same inputs (also compiles them)."""
+  prefill, generate = programs
+  start = time.perf_counter()
+  plain = prefill(params, ids, mask, False)
+  hidden, first, routing, replica_rows, filled, _ = prefill(params, ids, mask, True)
+  plain_tokens = np.asarray(generate(params, ids, mask, False)[0])
+  tokens, generate_rows = generate(params, ids, mask, True)
+  tokens = np.asarray(tokens)
+  out = {"hidden_rel_diff": rel_diff(hidden, plain[0]),
+         "logits_rel_diff": rel_diff(first, plain[1]),
+         "routing_mismatches": int(np.sum(np.asarray(routing) != np.asarray(plain[2]))),
+         "replica_rows": int(replica_rows), "replicas_placed": int(filled),
+         "generate_replica_rows": int(generate_rows),
+         "tokens_identical": bool(np.array_equal(tokens, plain_tokens)),
+         "tokens_mismatched": int(np.sum(tokens != plain_tokens)),
+         "compile_and_check_s": time.perf_counter() - start}
+  out["ok"] = (max(out["hidden_rel_diff"], out["logits_rel_diff"]) <= 1e-6
+               and out["tokens_identical"])
+  return out
+
+
+def log_decoder(result, log):
+  log(f"(d) replicas vs home only: prefill hidden states rel diff "
+      f"{result['hidden_rel_diff']:.1e}, first-token logits {result['logits_rel_diff']:.1e}, "
+      f"routing mismatches {result['routing_mismatches']}, generated tokens "
+      f"{'identical' if result['tokens_identical'] else 'DIFFER'}; {result['replicas_placed']} "
+      f"replica slots filled in the prefill, {result['replica_rows']} rows computed in them "
+      f"({result['generate_replica_rows']} over all of generate's passes; compile + check "
+      f"{result['compile_and_check_s']:.1f} s)")
+  for name in ("home_only", "replicas"):
+    r = result[name]
+    log(f"(d) {name:9s} B={result['batch']} P={result['prompt']}: prefill "
+        f"{r['prefill_ms']:.1f} ms ({r['prefill_tok_s']:.0f} tok/s), decode "
+        f"{r['decode_step_ms']:.2f} ms/step over {result['new_tokens']} steps")
+
+
+def part_decoder(shapes, backend, log):
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import moe_jax  # pylint: disable=import-outside-toplevel
+  from moe_jax import grouped_matmul, models, replicas  # pylint: disable=import-outside-toplevel
+  spec = shapes["decoder"]
+  family = models.get_family("qwen3_moe")
+  config = family.Config(**spec["config"])
+  mesh = expert_mesh(config.num_experts)
+  execution = moe_jax.ExecutionConfig(gmm_backend=backend or "auto")
+  start = time.perf_counter()
+  model = family.Model(config, placed_params(family, config, mesh), mesh=mesh,
+                       execution=execution)
+  log(f"(d) built a random {family.NAME} model on mesh {dict(mesh.shape)} in "
+      f"{time.perf_counter() - start:.1f} s")
+  batch, prompt, new = spec["batch"], spec["prompt"], spec["new_tokens"]
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (batch, prompt)),
+                    jnp.int32)
+  mask = jnp.ones((batch, prompt), jnp.int32)
+  result = {"family": family.NAME, "config": spec["config"], "mesh": dict(mesh.shape),
+            "batch": batch, "prompt": prompt, "new_tokens": new, "dtype": "float32",
+            "matmul_precision": "highest", "replication": REPLICATION,
+            "gmm_backend": (grouped_matmul.default_backend() if execution.gmm_backend == "auto"
+                            else execution.gmm_backend),
+            "all_to_all": replicas.exchange_mode(execution)}
+  programs = decoder_programs(model, new)
+  with jax.default_matmul_precision("highest"):
+    result.update(check_replicas(programs, model.params, ids, mask))
+    for name, replicate in (("home_only", False), ("replicas", True)):
+      result[name] = time_decoder(programs, model.params, ids, mask, replicate, spec["rounds"],
+                                  new)
+  log_decoder(result, log)
+  if not result["ok"]:
+    raise AssertionError(f"replicas changed the decoder's outputs: {result}")
+  return result
+
+
+def save_result(result, out_dir, previous=None):
+  """Writes the result file (replacing `previous`, the one an earlier part wrote); its path."""
+  import peer_switch  # pylint: disable=import-outside-toplevel
+  path = peer_switch.write_result("gpu_check", result, out_dir=out_dir)
+  if previous is not None and previous != path and os.path.exists(previous):
+    os.remove(previous)
+  return path
+
+
 def main(argv=None):
   args = parse_args(argv)
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import peer_switch  # pylint: disable=import-outside-toplevel
   shapes = dict(SMOKE if args.smoke else FULL)
   layers = args.layers or shapes["layers"]
   gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
@@ -277,19 +491,19 @@ def main(argv=None):
   result = {"smoke": args.smoke, "jax_backend": jax.default_backend(),
             "devices": [str(d) for d in jax.devices()], "gmm_backend": backend,
             "dtype": dtype.name}
+  runs = {"a": ("grouped_matmul", lambda: part_grouped_matmul(shapes, dtype, backend, log)),
+          "b": ("model", lambda: part_model(shapes, dtype.name, layers, log)),
+          "c": ("replication", lambda: part_replication(shapes, dtype, backend, log)),
+          "d": ("decoder", lambda: part_decoder(shapes, backend, log))}
   start = time.perf_counter()
-  if "a" in parts:
-    result["grouped_matmul"] = guarded("a", lambda: part_grouped_matmul(shapes, dtype, backend,
-                                                                         log), log)
-  if "b" in parts:
-    result["model"] = guarded("b", lambda: part_model(shapes, dtype.name, layers, log), log)
-  if "c" in parts:
-    result["replication"] = guarded("c", lambda: part_replication(shapes, dtype, backend, log),
-                                    log)
-  result["total_s"] = time.perf_counter() - start
-  path = peer_switch.write_result("gpu_check", result, out_dir=args.out_dir)
-  log(f"wrote {path} ({result['total_s']:.0f} s)")
-  failed = [k for k in ("grouped_matmul", "model", "replication")
+  path = None
+  for part, (key, fn) in runs.items():
+    if part in parts:
+      result[key] = guarded(part, fn, log)
+      result["total_s"] = time.perf_counter() - start
+      path = save_result(result, args.out_dir, path)   # after every part: a timeout keeps them
+  log(f"wrote {path} ({result.get('total_s', 0.0):.0f} s)")
+  failed = [k for k in ("grouped_matmul", "model", "replication", "decoder")
             if k in result and "error" in result[k]]
   return 1 if failed else 0
 

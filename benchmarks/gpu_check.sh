@@ -6,6 +6,10 @@
 # Prints the environment, checks the Python modules moe_jax needs (the machine has no network, so
 # nothing is installed here), runs benchmarks/gpu_check.py under a 470 s limit and leaves its JSON
 # in benchmarks/results/ (and a copy in $OUT when that is set, so a remote runner gets it back).
+# Parts: (a) grouped matmul, (b) switch-base-128 shapes vs transformers, (c) replication overhead
+# of one layer, (d) a Qwen3-MoE decoder: prefill + KV-cached decode, home slots vs replicas
+# (outputs must match). The JSON is rewritten after every part, so a part that runs past the limit
+# still leaves the earlier parts' results. Select parts with --parts=a,b,c,d.
 set -u
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"

@@ -2,13 +2,21 @@
 
   python benchmarks/import_memory.py [--num_layers=4 --num_experts=16 --max_shard_mb=400]
   python benchmarks/import_memory.py --mesh=1x8          # experts sharded over 8 CPU devices
+  python benchmarks/import_memory.py --mesh=none,1x8     # both, one checkpoint
   python benchmarks/import_memory.py --orbax             # also: safetensors -> orbax, restore
+  python benchmarks/import_memory.py --family=qwen3_moe --layout=fused --mesh=none,1x8
 
-Builds a random switch-base-shaped checkpoint (d_model 768, d_ff 3072, vocab 32128; fewer layers
-and experts: ~1.4 GiB fp32 by default) in a temporary directory, then runs each task in a fresh
-subprocess and reports that child's peak RSS (ru_maxrss) next to its RSS just before the task
-(python + jax + moe_jax [+ orbax]) and the bytes on disk. A streaming importer should peak near
-baseline + 1 x model + one leaf (one expert stack); a naive one near baseline + 2 x model.
+Builds a random checkpoint in a temporary directory, then runs each task in a fresh subprocess
+and reports that child's peak RSS (VmHWM) next to its RSS just before the task (python + jax
++ moe_jax [+ orbax]) and the bytes on disk. A streaming importer should peak near baseline + 1 x
+model + one leaf (one expert stack); a naive one near baseline + 2 x model.
+
+Families (--family): `switch` (default): switch-base-shaped (d_model 768, d_ff 3072, vocab 32128;
+fewer layers and experts: ~1.4 GiB fp32 by default); `qwen3_moe`: a decoder (hidden 1024, 64
+experts of width 512, top-8, 16 heads of 64, 4 KV heads, vocab 32000, untied, every layer MoE;
+3 layers: ~1.4 GiB fp32 by default), written in the per-expert layout (`experts.{e}.gate_proj`,
+what the hub holds) or the fused one (`experts.gate_up_proj [E, 2f, d]`, `--layout=fused`).
+The width flags mean the family's own: --d_model is hidden_size, --d_ff moe_intermediate_size.
 
 With a mesh of simulated CPU devices every replicated (non-expert) leaf is held once per device,
 so the bytes on "devices" (all in host RAM here) exceed the model. This is a script, not a test.
@@ -18,6 +26,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "launch"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))   # moe_jax, even uninstalled
 import _setup  # noqa: E402
 
 _setup.simulate_cpu_devices(8)
@@ -32,14 +41,19 @@ import time  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("d_model", 768, "model width")
-flags.DEFINE_integer("d_ff", 3072, "FFN / expert hidden width")
-flags.DEFINE_integer("vocab_size", 32128, "vocabulary")
-flags.DEFINE_integer("num_layers", 4, "encoder and decoder blocks (half of them sparse)")
-flags.DEFINE_integer("num_experts", 16, "experts per sparse block")
+flags.DEFINE_enum("family", "switch", ["switch", "qwen3_moe"], "checkpoint family")
+flags.DEFINE_enum("layout", "per-expert", ["per-expert", "fused"],
+                  "expert tensors on disk (qwen3_moe): one per expert, or fused 3-D stacks")
+flags.DEFINE_integer("d_model", None, "model width (default: the family's, see the doc)")
+flags.DEFINE_integer("d_ff", None, "expert hidden width (default: the family's)")
+flags.DEFINE_integer("vocab_size", None, "vocabulary (default: the family's)")
+flags.DEFINE_integer("num_layers", None, "switch: encoder and decoder blocks (half of them "
+                     "sparse); qwen3_moe: decoder layers (all MoE)")
+flags.DEFINE_integer("num_experts", None, "experts per sparse block (default: the family's)")
 flags.DEFINE_integer("max_shard_mb", 400, "largest safetensors shard, MiB")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype on disk (loaded as f32)")
-flags.DEFINE_string("mesh", "none", "'none' (default device) or DATAxEXPERT, e.g. 1x8")
+flags.DEFINE_string("mesh", "none", "'none' (default device) or DATAxEXPERT, e.g. 1x8; several "
+                    "comma-separated (e.g. none,1x8) run one import each")
 flags.DEFINE_bool("orbax", False, "also measure safetensors -> orbax conversion and restore")
 flags.DEFINE_string("dir", None, "reuse / keep the checkpoint here instead of a temp dir")
 flags.DEFINE_enum("child", None, ["import", "orbax_save", "orbax_restore"], "internal: task")
@@ -47,18 +61,37 @@ flags.DEFINE_string("src", None, "internal: the child's input")
 flags.DEFINE_string("dst", None, "internal: the child's output")
 
 GiB = float(1 << 30)
+DEFAULTS = {"switch": dict(d_model=768, d_ff=3072, vocab_size=32128, num_layers=4, num_experts=16),
+            "qwen3_moe": dict(d_model=1024, d_ff=512, vocab_size=32000, num_layers=3,
+                              num_experts=64)}
 
 
-def _rss_now() -> int:
+def _shape(name: str) -> int:
+  """A width flag's value, or the family's default."""
+  value = getattr(FLAGS, name)
+  return DEFAULTS[FLAGS.family][name] if value is None else value
+
+
+def _status_bytes(field: str) -> int:
+  """A /proc/self/status memory field (e.g. "VmRSS:"), in bytes."""
   with open("/proc/self/status") as f:
     for line in f:
-      if line.startswith("VmRSS:"):
+      if line.startswith(field):
         return int(line.split()[1]) * 1024
   return 0
 
 
+def _rss_now() -> int:
+  return _status_bytes("VmRSS:")
+
+
 def _peak_rss() -> int:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+  """This process's peak RSS: VmHWM, the high-water mark of its own address space.
+
+  Not `ru_maxrss`: Linux carries that across fork + exec, so a child spawned by a parent that
+  once held more (e.g. the parent that just built the checkpoint) reports the parent's peak.
+  """
+  return _status_bytes("VmHWM:") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_child(task: str) -> None:
@@ -95,20 +128,39 @@ def run_child(task: str) -> None:
   }))
 
 
+def switch_checkpoint():
+  """(params, key map, config) of the random switch-base-shaped model."""
+  from moe_jax.models import switch  # pylint: disable=import-outside-toplevel
+  layers = _shape("num_layers")
+  config = switch.Config(
+      vocab_size=_shape("vocab_size"), d_model=_shape("d_model"), d_ff=_shape("d_ff"), d_kv=64,
+      num_heads=12, num_layers=layers, num_decoder_layers=layers,
+      num_sparse_encoder_layers=layers // 2, num_sparse_decoder_layers=layers // 2,
+      num_experts=_shape("num_experts"))
+  return switch.random_params(config, seed=0), switch.hf_key_map(config), config
+
+
+def qwen3_moe_checkpoint():
+  """(params, key map in --layout, config) of the random Qwen3-MoE-shaped model."""
+  from moe_jax.models import qwen3_moe  # pylint: disable=import-outside-toplevel
+  d = _shape("d_model")
+  config = qwen3_moe.Config(
+      vocab_size=_shape("vocab_size"), hidden_size=d, intermediate_size=4 * d,
+      moe_intermediate_size=_shape("d_ff"), num_hidden_layers=_shape("num_layers"),
+      num_attention_heads=d // 64, num_key_value_heads=max(d // 256, 1), head_dim=64,
+      num_experts=_shape("num_experts"), num_experts_per_tok=8, norm_topk_prob=True)
+  key_map = qwen3_moe.hf_key_map(config).variant(FLAGS.layout)
+  return qwen3_moe.random_params(config, seed=0), key_map, config
+
+
 def build_checkpoint(path: str) -> None:
-  """Writes the random switch-base-shaped checkpoint to `path`."""
+  """Writes the random checkpoint of --family (and --layout) to `path`."""
   # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp
   from moe_jax.checkpoints import hf_io
-  from moe_jax.models import switch
-  config = switch.Config(
-      vocab_size=FLAGS.vocab_size, d_model=FLAGS.d_model, d_ff=FLAGS.d_ff, d_kv=64, num_heads=12,
-      num_layers=FLAGS.num_layers, num_decoder_layers=FLAGS.num_layers,
-      num_sparse_encoder_layers=FLAGS.num_layers // 2,
-      num_sparse_decoder_layers=FLAGS.num_layers // 2, num_experts=FLAGS.num_experts)
-  params = switch.random_params(config, seed=0)
-  hf_io.save_hf_safetensors(params, switch.hf_key_map(config), path,
-                            config_json=config.to_hf_dict(),
+  build = switch_checkpoint if FLAGS.family == "switch" else qwen3_moe_checkpoint
+  params, key_map, config = build()
+  hf_io.save_hf_safetensors(params, key_map, path, config_json=config.to_hf_dict(),
                             max_shard_bytes=FLAGS.max_shard_mb << 20, dtype=jnp.dtype(FLAGS.dtype))
 
 
@@ -118,21 +170,27 @@ def _disk_bytes(path: str) -> tuple[int, int]:
   return sum(os.path.getsize(f) for f in files), len(weights)
 
 
-def _run(task: str, src: str, dst: str = "") -> dict:
+def _run(task: str, mesh: str, src: str, dst: str = "") -> dict:
   result = subprocess.run(
       [sys.executable, os.path.abspath(__file__), f"--child={task}", f"--src={src}",
-       f"--dst={dst}", f"--mesh={FLAGS.mesh}"], capture_output=True, text=True, check=False)
+       f"--dst={dst}", f"--mesh={mesh}"], capture_output=True, text=True, check=False)
   if result.returncode:
     sys.exit(f"{task} failed:\n{result.stderr[-4000:]}")
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _report(title: str, r: dict, disk: int, model_bytes: int) -> None:
+def ratios(r: dict, disk: int) -> dict:
+  """The child's peak over the bytes on disk: the growth (peak - before) and the whole peak."""
+  return {"grown_over_disk": (r["peak"] - r["baseline"]) / disk, "peak_over_disk": r["peak"] / disk}
+
+
+def _report(title: str, r: dict, disk: int, model_bytes: int, mesh: str) -> None:
   grown = r["peak"] - r["baseline"]
   print(f"\n{title}")
   rows = [
       ("child RSS before", f"{r['baseline'] / GiB:.3f} GiB"),
-      ("child peak RSS (ru_maxrss)", f"{r['peak'] / GiB:.3f} GiB"),
+      ("child peak RSS (VmHWM)", f"{r['peak'] / GiB:.3f} GiB = "
+                                     f"{ratios(r, disk)['peak_over_disk']:.2f} x on disk"),
       ("child RSS after", f"{r['after'] / GiB:.3f} GiB"),
       ("peak - before", f"{grown / GiB:.3f} GiB = {grown / model_bytes:.2f} x the f32 model, "
                         f"{grown / disk:.2f} x on disk"
@@ -141,9 +199,38 @@ def _report(title: str, r: dict, disk: int, model_bytes: int) -> None:
       ("time", f"{r['seconds']:.1f} s ({disk / GiB / r['seconds']:.2f} GiB/s of disk)"),
   ]
   if r["device_bytes"]:
-    rows.insert(0, ("bytes on devices", f"{r['device_bytes'] / GiB:.3f} GiB (mesh {FLAGS.mesh})"))
+    rows.insert(0, ("bytes on devices", f"{r['device_bytes'] / GiB:.3f} GiB (mesh {mesh})"))
   for key, value in rows:
     print(f"  {key:<27} {value}")
+
+
+def _describe() -> str:
+  layout = f", {FLAGS.layout} layout" if FLAGS.family != "switch" else ""
+  return (f"{FLAGS.family}{layout}: d_model {_shape('d_model')}, d_ff {_shape('d_ff')}, "
+          f"{_shape('num_experts')} experts, {_shape('num_layers')} layers, vocab "
+          f"{_shape('vocab_size')}")
+
+
+def measure(checkpoint: str, orbax_dir: str) -> dict:
+  """Runs every task on `checkpoint`, prints the reports; {task@mesh: child result + ratios}."""
+  disk, shards = _disk_bytes(checkpoint)
+  model_bytes = disk * (2 if FLAGS.dtype == "bfloat16" else 1)
+  print(f"checkpoint on disk ({_describe()}): {disk / GiB:.3f} GiB in {shards} safetensors "
+        f"shards ({FLAGS.dtype}); f32 model {model_bytes / GiB:.3f} GiB")
+  out = {"disk_bytes": disk, "shards": shards}
+  for mesh in FLAGS.mesh.split(","):
+    imported = _run("import", mesh, checkpoint)
+    _report(f"hf_io.load_params (safetensors -> jax.Array, f32), mesh {mesh}", imported, disk,
+            model_bytes, mesh)
+    out[f"import@{mesh}"] = {**imported, **ratios(imported, disk)}
+    if FLAGS.orbax:
+      saved = os.path.join(orbax_dir, f"params_{mesh}")
+      _report("convert.to_orbax (safetensors -> orbax)",
+              _run("orbax_save", mesh, checkpoint, saved), disk, model_bytes, mesh)
+      orbax_disk, _ = _disk_bytes(saved)
+      _report(f"orbax_io.restore_params ({orbax_disk / GiB:.3f} GiB on disk), mesh {mesh}",
+              _run("orbax_restore", mesh, saved), orbax_disk, model_bytes, mesh)
+  return out
 
 
 def main(argv):
@@ -159,19 +246,8 @@ def main(argv):
       start = time.perf_counter()
       build_checkpoint(checkpoint)
       print(f"built checkpoint in {time.perf_counter() - start:.1f} s: {checkpoint}")
-    disk, shards = _disk_bytes(checkpoint)
-    imported = _run("import", checkpoint)
-    model_bytes = disk * (2 if FLAGS.dtype == "bfloat16" else 1)
-    print(f"checkpoint on disk: {disk / GiB:.3f} GiB in {shards} safetensors shards "
-          f"({FLAGS.dtype}); f32 model {model_bytes / GiB:.3f} GiB")
-    _report("hf_io.load_params (safetensors -> jax.Array, f32)", imported, disk, model_bytes)
-    if FLAGS.orbax:
-      out = os.path.join(orbax_dir, "params")
-      _report("convert.to_orbax (safetensors -> orbax)", _run("orbax_save", checkpoint, out),
-              disk, model_bytes)
-      orbax_disk, _ = _disk_bytes(out)
-      _report(f"orbax_io.restore_params ({orbax_disk / GiB:.3f} GiB on disk)",
-              _run("orbax_restore", out), orbax_disk, model_bytes)
+    summary = measure(checkpoint, orbax_dir)
+    print("\n" + json.dumps({"family": FLAGS.family, "layout": FLAGS.layout, **summary}))
   finally:
     shutil.rmtree(orbax_dir, ignore_errors=True)
     if FLAGS.dir is None:

@@ -126,23 +126,35 @@ def assemble_params(source, key_map: layout.KeyMap, *, dtype=jnp.float32,
   for file in source.files:
     keys = [key for key in specs if key in found and found[key].file == file]
     for key, tensor in source.read(file, keys):
-      for spec in layout.spec_parts(specs[key]):
-        buffer = buffers.get(spec.path)
-        if buffer is None:
-          leaf_dtype = np.dtype(np.float32) if spec.float32 else np_dtype
-          buffer = buffers[spec.path] = np.empty(key_map.leaf_shape(spec), leaf_dtype)
-        target = buffer if spec.expert is None else buffer[spec.expert]
-        target[...] = layout.to_leaf(tensor, spec)  # casts, e.g. bf16 -> f32
-        del target
-        remaining[spec.path] -= 1
-        if remaining[spec.path] == 0:
-          leaves[spec.path] = place(spec.path, buffers.pop(spec.path))
-        del buffer
+      done = _fill(tensor, specs[key], key_map, buffers, remaining, np_dtype)
+      # The tensor goes before the leaves it completed are copied to their devices, so no leaf's
+      # host buffer and device copy share the peak with the tensor too.
       del tensor
+      for path in done:
+        leaves[path] = place(path, buffers.pop(path))
   for _, spec in key_map.entries():
     if spec.path not in leaves:  # absent fallback key (e.g. untied embedding transformers 4 shared)
       leaves[spec.path] = leaves[layout.spec_parts(specs[spec.fallback])[0].path]
   return layout.build_tree({spec.path: leaves[spec.path] for _, spec in key_map.entries()})
+
+
+def _fill(tensor: np.ndarray, entry: layout.Entry, key_map: layout.KeyMap,
+          buffers: dict[layout.TreePath, np.ndarray], remaining: collections.Counter,
+          np_dtype: np.dtype) -> list[layout.TreePath]:
+  """Copies one stored tensor into the leaf buffers (or expert slices of them) its spec(s) fill,
+  allocating a leaf's buffer at its first tensor; returns the leaves it completed."""
+  done = []
+  for spec in layout.spec_parts(entry):
+    buffer = buffers.get(spec.path)
+    if buffer is None:
+      leaf_dtype = np.dtype(np.float32) if spec.float32 else np_dtype
+      buffer = buffers[spec.path] = np.empty(key_map.leaf_shape(spec), leaf_dtype)
+    target = buffer if spec.expert is None else buffer[spec.expert]
+    target[...] = layout.to_leaf(tensor, spec)  # casts, e.g. bf16 -> f32
+    remaining[spec.path] -= 1
+    if remaining[spec.path] == 0:
+      done.append(spec.path)
+  return done
 
 
 def load_params(path: str, key_map: layout.KeyMap, *, dtype=jnp.float32,
