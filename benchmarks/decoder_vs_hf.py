@@ -45,6 +45,9 @@ neither, only moe_jax is timed (next to its bounds) and HF's columns say n/a.
 
 Results: benchmarks/results/decoder_vs_hf_<date>_<host>.json (--quick: decoder_vs_hf_quick_...),
 plus a table on stdout with the load average next to it.
+
+Code: the two sides (loading, forward/generate, agreement, timing) are in decoder_vs_hf_sides.py,
+the bounds, rows and table in decoder_vs_hf_report.py; this file holds the flags and the run.
 """
 
 from __future__ import annotations
@@ -56,14 +59,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import dataclasses  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-import roofline  # noqa: E402  (this directory is on sys.path when run as a script)
+# This directory is on sys.path when run as a script.
 from bench_io import write_result  # noqa: E402
+from decoder_vs_hf_report import experts_hit, machine_rates, phase_rows, report_text  # noqa: E402
+from decoder_vs_hf_sides import (Shapes, agreement, hf_forward, hf_generate,  # noqa: E402
+                                 jax_forward, jax_generate, load_pair, model_config,
+                                 random_batch, time_decode, time_prefill)
 
 _REEXEC_ENV = "MOE_JAX_DECODER_VS_HF_REEXEC"
 
@@ -73,302 +78,7 @@ QUICK = dict(hidden_size=64, num_experts=8, top_k=2, expert_width=32, layers=2, 
              prompt_length=8, new_tokens=4, rounds=2)
 
 
-@dataclasses.dataclass(frozen=True)
-class Shapes:
-  """What one run measures: the model's sizes and the batches."""
-
-  hidden_size: int
-  num_experts: int
-  top_k: int
-  expert_width: int
-  layers: int
-  heads: int
-  kv_heads: int
-  head_dim: int
-  vocab_size: int
-  batch: int            # B, for prefill and decode
-  prefill_length: int   # L, prompt tokens per row in the prefill measurement
-  prompt_length: int    # P, prompt tokens per row before decoding
-  new_tokens: int       # N, decode steps timed
-
-
-def model_config(s: Shapes):
-  """The Qwen3-MoE config of `s`: every layer MoE, renormalised top-k, untied head, no eos."""
-  from moe_jax.models import qwen3_moe  # pylint: disable=import-outside-toplevel
-  return qwen3_moe.Config(
-      vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=4 * s.hidden_size,
-      moe_intermediate_size=s.expert_width, num_hidden_layers=s.layers,
-      num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, head_dim=s.head_dim,
-      num_experts=s.num_experts, num_experts_per_tok=s.top_k, norm_topk_prob=True,
-      decoder_sparse_step=1, mlp_only_layers=(), tie_word_embeddings=False,
-      bos_token_id=None, eos_token_id=(), pad_token_id=0,
-      max_position_embeddings=max(4096, s.prefill_length, s.prompt_length + s.new_tokens + 1))
-
-
-# --- the model pair ---
-
-
-def write_checkpoint(cfg, directory: str, seed: int) -> None:
-  """Random moe_jax params of `cfg` as a Hugging Face checkpoint (config.json + safetensors)."""
-  from moe_jax.checkpoints import hf_io  # pylint: disable=import-outside-toplevel
-  from moe_jax.models import qwen3_moe  # pylint: disable=import-outside-toplevel
-  params = qwen3_moe.random_params(cfg, seed=seed)
-  hf_io.save_hf_safetensors(params, qwen3_moe.hf_key_map(cfg), directory,
-                            config_json=cfg.to_hf_dict())
-
-
-def load_jax(directory: str, gmm_backend: str):
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from moe_jax.config import ExecutionConfig  # pylint: disable=import-outside-toplevel
-  from moe_jax.models import qwen3_moe  # pylint: disable=import-outside-toplevel
-  return qwen3_moe.from_pretrained(directory, dtype=jnp.float32,
-                                   execution=ExecutionConfig(gmm_backend=gmm_backend))
-
-
-def load_hf(directory: str, experts_implementation: str):
-  """transformers' model of `directory`, float32, eval, fixed-length generation."""
-  import torch  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
-  transformers.logging.set_verbosity_error()
-  kwargs = {"experts_implementation": experts_implementation} if experts_implementation else {}
-  model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
-                                                            **kwargs).eval()
-  model.generation_config.eos_token_id = None
-  model.generation_config.pad_token_id = 0
-  return model
-
-
-def random_batch(batch: int, length: int, vocab: int, seed: int):
-  """(<int64>[B, L] ids in [1, vocab), all-ones mask)."""
-  rng = np.random.default_rng(seed)
-  ids = rng.integers(1, vocab, (batch, length)).astype(np.int64)
-  return ids, np.ones_like(ids)
-
-
-# --- the two sides' callables ---
-
-
-def jax_forward(model, ids, mask):
-  """() -> <f32>[B, L, V] logits of `model(ids, attention_mask=mask)`, computed."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  ids, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
-  return lambda: jax.block_until_ready(model(ids, attention_mask=mask).logits)
-
-
-def jax_generate(model, ids, mask, new_tokens: int):
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  ids, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
-  return lambda: jax.block_until_ready(
-      model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=None))
-
-
-def hf_forward(model, ids, mask):
-  import torch  # pylint: disable=import-outside-toplevel
-  ids, mask = torch.tensor(ids), torch.tensor(mask)
-
-  def run():
-    with torch.inference_mode():
-      return model(input_ids=ids, attention_mask=mask).logits
-  return run
-
-
-def hf_generate(model, ids, mask, new_tokens: int):
-  import torch  # pylint: disable=import-outside-toplevel
-  ids, mask = torch.tensor(ids), torch.tensor(mask)
-
-  def run():
-    with torch.inference_mode():
-      return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                            min_new_tokens=new_tokens, do_sample=False, num_beams=1,
-                            use_cache=True, pad_token_id=0)
-  return run
-
-
-# --- agreement ---
-
-
-def router_min_margin(jax_model, ids, mask) -> float:
-  """The smallest gap between the k-th and (k+1)-th router probability over the tokens and MoE
-  layers of this batch: below ~1e-6, float32 rounding may pick different experts on each side."""
-  k, num_experts = jax_model.config.num_experts_per_tok, jax_model.config.num_experts
-  if k == num_experts:
-    return float("inf")
-  out = jax_model(ids, attention_mask=mask, output_router=True)
-  margins = []
-  for record in out.router:
-    probs = -np.sort(-np.asarray(record.router_probs), axis=-1)
-    margins.append(float(np.min(probs[..., k - 1] - probs[..., k])))
-  return min(margins)
-
-
-def agreement(hf_model, jax_model, s: Shapes, prefill, decode) -> dict:
-  """Prefill logits' max |diff| / max |HF| and cached greedy token equality."""
-  ids, mask = prefill
-  hf_logits = hf_forward(hf_model, ids, mask)().float().numpy()
-  jx_logits = np.asarray(jax_forward(jax_model, ids, mask)())
-  scale = float(np.max(np.abs(hf_logits)))
-  rel = float(np.max(np.abs(hf_logits - jx_logits))) / max(scale, 1e-30)
-  ids, mask = decode
-  hf_tokens = hf_generate(hf_model, ids, mask, s.new_tokens)().numpy()
-  jx_tokens = np.asarray(jax_generate(jax_model, ids, mask, s.new_tokens)())
-  same = hf_tokens.shape == jx_tokens.shape and bool(np.array_equal(hf_tokens, jx_tokens))
-  first = None
-  if not same:
-    width = min(hf_tokens.shape[1], jx_tokens.shape[1])
-    differ = np.argwhere(hf_tokens[:, :width] != jx_tokens[:, :width])
-    first = differ[0].tolist() if len(differ) else "shape"
-  return {"logits_max_rel_diff": rel, "logits_max_abs": scale, "greedy_tokens_equal": same,
-          "greedy_first_difference": first, "greedy_new_tokens": s.new_tokens,
-          "router_min_topk_margin_prefill": router_min_margin(jax_model, *prefill)}
-
-
-# --- timing ---
-
-
-def interleaved_times(contenders: dict, rounds: int) -> dict:
-  """{name: fn()} -> {name: [seconds per round]}; each fn runs once first (compile, warm-up)."""
-  for fn in contenders.values():
-    fn()
-  times = {name: [] for name in contenders}
-  for _ in range(rounds):
-    for name, fn in contenders.items():
-      start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
-  return times
-
-
-def time_prefill(sides: dict, prefill, rounds: int) -> dict:
-  """{side: {"s": median seconds, "min_s", "rounds_s"}} of one prefill forward."""
-  ids, mask = prefill
-  contenders = {name: side["forward"](side["model"], ids, mask) for name, side in sides.items()}
-  times = interleaved_times(contenders, rounds)
-  return {name: _summary(ts) for name, ts in times.items()}
-
-
-def time_decode(sides: dict, decode, new_tokens: int, rounds: int) -> dict:
-  """{side: {"s": median seconds per decode step, ...}}: per round, (generate(N + 1) -
-  generate(1)) / N, paired within the round; "min_s" from each generate's fastest round (a
-  difference of two disturbed runs is no bound on anything); also both whole generates."""
-  ids, mask = decode
-  contenders = {}
-  for name, side in sides.items():
-    contenders[f"{name}:short"] = side["generate"](side["model"], ids, mask, 1)
-    contenders[f"{name}:long"] = side["generate"](side["model"], ids, mask, new_tokens + 1)
-  times = interleaved_times(contenders, rounds)
-  out = {}
-  for name in sides:
-    short, long = np.array(times[f"{name}:short"]), np.array(times[f"{name}:long"])
-    out[name] = {**_summary((long - short) / new_tokens),
-                 "min_s": float(np.min(long) - np.min(short)) / new_tokens,   # fastest of each
-                 "generate_1_s": float(np.median(short)),
-                 f"generate_{new_tokens + 1}_s": float(np.median(long))}
-  return out
-
-
-def _summary(times) -> dict:
-  times = [float(t) for t in times]
-  return {"s": float(np.median(times)), "min_s": min(times), "rounds_s": times}
-
-
-# --- bounds and the table ---
-
-
-def experts_hit(jax_model, ids, mask) -> list[int]:
-  """Distinct experts the real router chose for this batch, per MoE layer."""
-  out = jax_model(ids, attention_mask=mask, output_router=True)
-  return [int(np.unique(np.asarray(r.expert_index)).size) for r in out.router]
-
-
-def machine_rates(cfg, have_torch: bool) -> dict:
-  """XLA's (and torch's) peak bandwidth and FFN FLOP/s here, and the best of them (used)."""
-  rates = {"xla": roofline.xla_peak_rates(cfg.hidden_size, cfg.expert_width)}
-  if have_torch:
-    rates["torch"] = roofline.torch_rates(cfg.hidden_size, cfg.expert_width)
-  rates["used"] = roofline.best_rates(*rates.values())
-  return rates
-
-
-def phase_row(phase: str, batch_text: str, tokens: int, timed: dict, need: dict,
-              machine: dict) -> dict:
-  """One table row: tokens/s per side, moe_jax / HF (of the medians, and of the fastest
-  rounds), each median time over the phase's lower bound."""
-  row = {"phase": phase, "batch": batch_text, "tokens_per_call": tokens, **need,
-         **roofline.bound_of(need, machine)}
-  for name, t in timed.items():
-    seen = t["s"] > 0     # a decode step can vanish in generate's timing noise at tiny sizes
-    row[name] = {**t, "tok_s": tokens / t["s"] if seen else None,
-                 "of_bound": t["s"] / row["bound_s"] if seen else None}
-  if "hf" in timed:
-    ratio = lambda key: (row["hf"][key] / row["moe_jax"][key]
-                         if min(row["hf"][key], row["moe_jax"][key]) > 0 else None)
-    row["moe_jax_over_hf"], row["moe_jax_over_hf_fastest"] = ratio("s"), ratio("min_s")
-  return row
-
-
-def table(rows: list[dict], goals: dict) -> str:
-  """The printed table: one line per phase."""
-  head = (f"{'phase':7s} {'batch':>11s} {'HF tok/s':>9s} {'moe_jax tok/s':>13s} "
-          f"{'moe_jax/HF':>10s} {'(fastest)':>9s} {'goal':>6s} {'bound ms':>8s} "
-          f"{'HF ms (x bound)':>17s} {'moe_jax ms (x bound)':>20s}")
-  lines = [head, "-" * len(head)]
-  for r in rows:
-    hf, jx, ratio = r.get("hf"), r["moe_jax"], r.get("moe_jax_over_hf")
-    goal = goals[r["phase"]]
-    met = "" if ratio is None else (">=" if ratio >= goal else "< ") + f"{goal:g}x"
-    lines.append(
-        f"{r['phase']:7s} {r['batch']:>11s} {_or_na(hf, _tok_s):>9s} {_tok_s(jx):>13s} "
-        f"{_or_na(ratio, _times):>10s} {_or_na(r.get('moe_jax_over_hf_fastest'), _times):>9s} "
-        f"{met:>6s} {r['bound_s'] * 1e3:8.2f} {_or_na(hf, _time_of_bound):>17s} "
-        f"{_time_of_bound(jx):>20s}")
-  return "\n".join(lines)
-
-
-def _or_na(value, fmt) -> str:
-  return "n/a" if value is None else fmt(value)
-
-
-def _tok_s(t: dict) -> str:
-  return "<noise" if t["tok_s"] is None else f"{t['tok_s']:.1f}"
-
-
-def _times(ratio: float) -> str:
-  return f"{ratio:.2f}x"
-
-
-def _time_of_bound(t: dict) -> str:
-  if t["of_bound"] is None:
-    return f"{t['s'] * 1e3:.1f} (noise)"
-  return f"{t['s'] * 1e3:.1f} ({t['of_bound']:.1f}x)"
-
-
-def legend(s: Shapes, rounds: int, rows: list[dict], rates: dict) -> str:
-  used = rates["used"]
-  prefill, decode = rows
-  source = "the faster of XLA's and torch's peak" if "torch" in rates else "XLA's peak"
-  return (
-      f"prefill: one forward over B x L tokens; decode: one cached step of B rows, "
-      f"(generate({s.new_tokens + 1}) - generate(1)) / {s.new_tokens}. Medians of {rounds} "
-      f"interleaved rounds; (fastest): the ratio of each side's fastest round. bound = "
-      f"max(bytes / {used['memory_bytes_per_s'] / 1e9:.1f} GB/s, FLOPs / "
-      f"{used['flops_per_s'] / 1e9:.1f} GFLOP/s), {source} here; "
-      f"(x bound) = median time / bound.\n"
-      f"prefill needs >= {prefill['bytes'] / 1e6:.0f} MB and {prefill['flops'] / 1e9:.1f} GFLOP "
-      f"(memory {prefill['memory_bound_s'] * 1e3:.0f} ms, compute "
-      f"{prefill['compute_bound_s'] * 1e3:.0f} ms; experts hit "
-      f"{prefill['experts_hit_per_moe_layer']}); a decode step >= {decode['bytes'] / 1e6:.0f} MB "
-      f"({decode['distinct_experts_per_moe_layer']} experts per layer, uniform estimate) and "
-      f"{decode['flops'] / 1e9:.2f} GFLOP (memory {decode['memory_bound_s'] * 1e3:.0f} ms, "
-      f"compute {decode['compute_bound_s'] * 1e3:.0f} ms).")
-
-
-def load_text(load) -> str:
-  return "/".join(f"{x:.2f}" for x in load)
-
-
-# --- main ---
+# --- flags, the check before timing, the run ---
 
 
 def flag_value(f, name: str):
@@ -401,31 +111,6 @@ def torch_or_reexec(f) -> bool:
         "--hf_python=PY (a python with torch + transformers that sees jax and moe_jax) or "
         "`pip install -e .[peer]` for the comparison.", flush=True)
   return False
-
-
-def load_pair(cfg, f, have_torch: bool, threads: int, log):
-  """(moe_jax model, HF model or None, HF facts) of one random checkpoint in a temp dir."""
-  directory = tempfile.mkdtemp(prefix="decoder_vs_hf_")
-  try:
-    write_checkpoint(cfg, directory, f.seed)
-    jax_model = load_jax(directory, f.gmm_backend)
-    hf_model = load_hf(directory, f.hf_experts) if have_torch else None
-  finally:
-    shutil.rmtree(directory, ignore_errors=True)
-  if hf_model is None:
-    return jax_model, None, {}
-  import torch  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
-  torch.set_num_threads(threads)
-  implementation = lambda kind: getattr(hf_model.config, f"_{kind}_implementation", None)
-  info = {"torch": torch.__version__, "transformers": transformers.__version__,
-          "torch_threads": torch.get_num_threads(), "attn_implementation": implementation("attn"),
-          "experts_implementation": implementation("experts")}
-  log(f"transformers {info['transformers']}, torch {info['torch']} with "
-      f"{info['torch_threads']} threads (as many as XLA:CPU: the CPUs this process may run "
-      f"on), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, attention "
-      f"{info['attn_implementation']}, experts {info['experts_implementation']}")
-  return jax_model, hf_model, info
 
 
 def check_agreement(hf_model, jax_model, s: Shapes, prefill, decode, f, result, log) -> None:
@@ -468,9 +153,6 @@ def main(argv):
   jax_model, hf_model, hf_info = load_pair(cfg, f, have_torch, f.hf_threads or xla_threads, log)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(jax_model.params))
   log(f"loaded ({num_params / 1e6:.1f} M params, {num_params * 4 / 2**30:.2f} GiB per side)")
-  sides = {"moe_jax": {"model": jax_model, "forward": jax_forward, "generate": jax_generate}}
-  if hf_model is not None:
-    sides = {"hf": {"model": hf_model, "forward": hf_forward, "generate": hf_generate}, **sides}
   prefill = random_batch(s.batch, s.prefill_length, s.vocab_size, seed=f.seed + 1)
   decode = random_batch(s.batch, s.prompt_length, s.vocab_size, seed=f.seed + 2)
   result = {"flags": {k: getattr(f, k) for k in ("quick", "seed", "tolerance", "gmm_backend",
@@ -481,6 +163,24 @@ def main(argv):
             "decode_timing": "(generate(N + 1) - generate(1)) / N per round, paired"}
   if hf_model is not None:
     check_agreement(hf_model, jax_model, s, prefill, decode, f, result, log)
+  rows, rates = measure(jax_model, hf_model, cfg, s, rounds, (prefill, decode), loads, log)
+  goals = {"prefill": 1.0, "decode": 1.5}
+  elapsed = time.perf_counter() - started
+  result.update(rows=rows, goals_moe_jax_over_hf=goals, machine_rates=rates, load_average=loads,
+                elapsed_s=elapsed)
+  path = write_result(result_name(f), result)
+  print(f"{report_text(rows, goals, s, rounds, rates, hf_info, xla_threads, loads, elapsed)}\n"
+        f"wrote {path}")
+
+
+def measure(jax_model, hf_model, cfg, s: Shapes, rounds: int, batches, loads: dict, log):
+  """(rows, machine rates): both phases timed on each side (HF's only when `hf_model`), this
+  machine's peak rates, and each phase next to its lower bound; `loads` gains the load average
+  before and after the timing."""
+  prefill, decode = batches
+  sides = {"moe_jax": {"model": jax_model, "forward": jax_forward, "generate": jax_generate}}
+  if hf_model is not None:
+    sides = {"hf": {"model": hf_model, "forward": hf_forward, "generate": hf_generate}, **sides}
   hit = experts_hit(jax_model, *prefill)
   loads["before_timing"] = os.getloadavg()
   log(f"timing prefill {s.batch}x{s.prefill_length}: {rounds} rounds after a warm-up call each")
@@ -491,27 +191,8 @@ def main(argv):
   loads["after_timing"] = os.getloadavg()
   log("measuring this machine's peak bandwidth and FLOP/s for the bounds")
   rates = machine_rates(cfg, hf_model is not None)
-  context = s.prompt_length + (s.new_tokens + 1) / 2    # mean valid slots over the timed steps
-  params = jax_model.params
-  rows = [
-      phase_row("prefill", f"{s.batch}x{s.prefill_length}", s.batch * s.prefill_length,
-                prefill_times,
-                roofline.decoder_prefill_need(params, cfg, s.batch, s.prefill_length, hit),
-                rates["used"]),
-      phase_row("decode", f"{s.batch} P{s.prompt_length}+{s.new_tokens}", s.batch, decode_times,
-                roofline.decoder_decode_step_need(params, cfg, s.batch, context), rates["used"]),
-  ]
-  goals = {"prefill": 1.0, "decode": 1.5}
-  elapsed = time.perf_counter() - started
-  result.update(rows=rows, goals_moe_jax_over_hf=goals, machine_rates=rates, load_average=loads,
-                elapsed_s=elapsed)
-  path = write_result(result_name(f), result)
-  threads = (f"torch threads {hf_info['torch_threads']}, XLA:CPU threads {xla_threads}"
-             if hf_info else f"XLA:CPU threads {xla_threads}")
-  print(f"\n{table(rows, goals)}\n\n{legend(s, rounds, rows, rates)}\n{threads}; load average "
-        f"(1/5/15 min) at start {load_text(loads['start'])}, before timing "
-        f"{load_text(loads['before_timing'])}, after {load_text(loads['after_timing'])} on "
-        f"{os.cpu_count()} CPUs; took {elapsed:.0f} s.\nwrote {path}")
+  rows = phase_rows(jax_model, cfg, s, prefill_times, decode_times, hit, rates)
+  return rows, rates
 
 
 def _define_flags():
