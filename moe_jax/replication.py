@@ -28,6 +28,7 @@ from moe_jax import predictor as predictor_lib
 from moe_jax import replicas as replicas_lib
 from moe_jax import routing as routing_lib
 from moe_jax.config import ExecutionConfig, MoEConfig
+from moe_jax.layer_records import LayerRecord, LayerSummary  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,35 +152,16 @@ class Replicator:
                                      self.mesh)
     return state
 
+  def empty_summaries(self, layers: dict, passes: int) -> dict:
+    """stack -> zero `LayerSummary` of shape [passes, n layers, ...], for a loop to fill."""
+    devices = mesh_lib.axis_sizes(self.mesh)
+    return {stack: LayerSummary.zeros((passes, len(p)), self.moe_cfg.num_experts, devices)
+            for stack, p in layers.items()}
+
   def runner(self, layers: dict, state: ReplicationState, learned: dict | None = None
              ) -> "StackRunner":
     return StackRunner(self.config, self.moe_cfg, self.mesh, layers, state, learned=learned,
                        execution=self.execution)
-
-
-@struct.dataclass
-class LayerRecord:
-  """One MoE layer of one forward pass.
-
-  Attributes:
-    predicted_load: <f32>[E] the estimate its placement used (zeros when none).
-    predicted_top1: <int32>[T] per-token predicted expert (-1 when the predictor has none).
-    slot_table: <int32>[De, h + r] the table it ran with (home columns, then its replicas').
-    fetched_bytes: <f32>[] expert-weight bytes moved into its replica slots (every filled slot;
-      with resident replicas only the changed ones).
-    stats: its `MoEStats` (true loads, per-device tokens, balancedness, non-finite tokens).
-  """
-
-  predicted_load: jax.Array
-  predicted_top1: jax.Array
-  slot_table: jax.Array
-  fetched_bytes: jax.Array
-  stats: moe_layer.MoEStats
-
-  @property
-  def non_finite_tokens(self) -> jax.Array:
-    """<int32>[] tokens this layer routed nowhere because their input or logits were not finite."""
-    return self.stats.non_finite_tokens
 
 
 @struct.dataclass
@@ -267,11 +249,17 @@ class StackRunner:
     """stack -> list of `LayerRecord`, one per MoE layer run so far."""
     return self._records
 
+  def summaries(self) -> dict:
+    """stack -> `LayerSummary` of this pass's MoE layers, stacked on a leading [n] axis:
+    fixed-size (no per-token arrays), so a loop can keep one per pass (e.g. decode steps)."""
+    home = self.moe_cfg.num_experts // mesh_lib.axis_sizes(self.mesh)[1]
+    return {stack: jax.tree.map(lambda *a: jnp.stack(a), *[r.summary(home) for r in records])
+            for stack, records in self._records.items() if records}
+
   def replica_rows(self) -> jax.Array:
     """<int32>[] token-choices this pass computed in replica slots (all stacks and layers)."""
-    home = self.moe_cfg.num_experts // mesh_lib.axis_sizes(self.mesh)[1]
-    return sum((jnp.sum(r.stats.tokens_per_slot[..., home:]) for records in
-                self._records.values() for r in records), jnp.zeros((), jnp.int32))
+    return sum((jnp.sum(s.replica_rows) for s in self.summaries().values()),
+               jnp.zeros((), jnp.int32))
 
   def next_state(self) -> ReplicationState:
     """The history updated with this pass's true loads (and, if resident, the held replicas)."""

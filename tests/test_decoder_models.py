@@ -22,6 +22,7 @@ from moe_jax import models, replication
 from moe_jax.checkpoints import hf_io
 from moe_jax.config import ExecutionConfig
 from moe_jax.models import decoder
+from moe_jax.models.decoder import model as decoder_model
 from moe_jax.models.decoder import task
 from tests import helpers
 
@@ -171,6 +172,17 @@ def test_replicas_do_not_change_outputs(name):
   assert int(stats.passes) == 1 + int(ref["max_new_tokens"])    # prefill + every step
   assert int(stats.replica_rows) > 0, "the replica slots should have computed some tokens"
   assert float(jnp.sum(stats.state.history["layers"])) > 0      # loads carried between passes
+  # One summary per pass and MoE layer: every step routes B tokens x k choices per layer.
+  summaries = stats.layers["layers"]
+  per_pass = np.asarray(summaries.tokens_per_expert).sum(-1)    # [passes, n layers]
+  batch, k = ref["input_ids"].shape[0], model.config.num_experts_per_tok
+  np.testing.assert_array_equal(per_pass[1:], batch * k)
+  assert int(np.asarray(summaries.replica_rows).sum()) == int(stats.replica_rows)
+  # Placement is re-issued inside the one compiled loop: another prompt compiles nothing.
+  compiled = decoder_model._generate_jit._cache_size()   # pylint: disable=protected-access
+  model.generate(ref["input_ids"][::-1], attention_mask=ref["attention_mask"][::-1],
+                 max_new_tokens=int(ref["max_new_tokens"]), replication=rcfg, eos_token_id=None)
+  assert decoder_model._generate_jit._cache_size() == compiled   # pylint: disable=protected-access
 
 
 # --- checkpoints: both layouts, sharded import, export ---

@@ -26,7 +26,7 @@ PACKAGE = ROOT / "moe_jax"
 CORE = ("moe_jax", "moe_jax.config", "moe_jax.routing", "moe_jax.placement", "moe_jax.permute",
         "moe_jax.experts", "moe_jax.experts_cpu", "moe_jax.grouped_matmul", "moe_jax.collectives",
         "moe_jax.layer_body", "moe_jax.moe_layer", "moe_jax.replicas", "moe_jax.moe_fn",
-        "moe_jax.predictor", "moe_jax.replication", "moe_jax.metrics", "moe_jax.mesh",
+        "moe_jax.predictor", "moe_jax.replication", "moe_jax.layer_records", "moe_jax.metrics", "moe_jax.mesh",
         "moe_jax.reference", "moe_jax.distributed", "moe_jax.host_memory")
 CORE_FORBIDDEN = ("moe_jax.models", "moe_jax.app", "moe_jax.bench", "moe_jax.checkpoints",
                   "launch")

@@ -49,11 +49,14 @@ class GenerationStats:
     state: the `ReplicationState` after the last pass.
     replica_rows: <int32>[] token-choices computed in replica slots over all passes.
     passes: <int32>[] decoder passes run (the prefill + decode steps, or uncached steps).
+    layers: stack -> `replication.LayerSummary` of every pass and MoE layer, arrays
+      [max passes, n layers, ...] (pass 0: the prefill when cached); passes >= `passes` are 0.
   """
 
   state: replication.ReplicationState
   replica_rows: jax.Array
   passes: jax.Array
+  layers: dict
 
 
 def greedy_generate(params: dict, cfg: DecoderConfig, input_ids: jax.Array,
@@ -105,9 +108,11 @@ def greedy_generate(params: dict, cfg: DecoderConfig, input_ids: jax.Array,
       return hidden, cache, stats
     runner = replicator.runner(stack.moe_layers(params, cfg), stats.state, learned)
     hidden, cache, _ = stack.decode(params, cfg, ids, pos, mask, cache, moe_fn=runner.moe_fn)
+    layers = jax.tree.map(lambda kept, new: kept.at[stats.passes].set(new), stats.layers,
+                          runner.summaries())
     return hidden, cache, GenerationStats(state=runner.next_state(),
                                           replica_rows=stats.replica_rows + runner.replica_rows(),
-                                          passes=stats.passes + 1)
+                                          passes=stats.passes + 1, layers=layers)
 
   def cached_step(state):
     step, tokens, done, stats, cache, hidden = state
@@ -126,9 +131,9 @@ def greedy_generate(params: dict, cfg: DecoderConfig, input_ids: jax.Array,
   step0, done0 = jnp.zeros((), jnp.int32), jnp.zeros((batch,), bool)
   stats = None
   if replicator is not None:
-    zero = jnp.zeros((), jnp.int32)
-    stats = GenerationStats(state=replicator.init_state(stack.moe_layers(params, cfg)),
-                            replica_rows=zero, passes=zero)
+    zero, layers = jnp.zeros((), jnp.int32), stack.moe_layers(params, cfg)
+    stats = GenerationStats(state=replicator.init_state(layers), replica_rows=zero, passes=zero,
+                            layers=replicator.empty_summaries(layers, max_new_tokens + use_cache))
   if not use_cache:
     out = jax.lax.while_loop(keep_going, uncached_step, (step0, tokens, done0, stats))
   else:
