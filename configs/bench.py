@@ -6,6 +6,12 @@
       --config.checkpoint=/path/to/switch-base-128
   python launch/bench.py --config=configs/bench.py:model=qwen3_moe_tiny \
       --config.checkpoint=/tmp/q3tiny          # trained as configs/qwen3_moe_tiny.py says
+  python launch/bench.py --config=configs/bench.py:model=qwen3_moe_tiny \
+      --config.checkpoint=random               # random params of config.model: a smoke run
+  python launch/bench.py --config=configs/bench.py:model=qwen3_moe_small   # shipped decoder
+
+Decoder-only families report a prefill and a decode phase (config.bench.decode_steps greedy
+steps with the KV cache after each prompt; 0: prefill only).
 
 arg: comma-separated key=value: model (the name of a preset, `moe_jax.app.presets.named`:
 switch_tiny, switch_base_E, qwen3_moe_tiny, mixtral_8x7b, ...), policy (compare only none, this

@@ -4,7 +4,12 @@
 
 Runs the model over held-out text for each policy (none, history, pregate, learned, oracle) and
 capacity mode (dropless, capacity) on a (data, expert) mesh (8 simulated CPU devices by default),
-then writes REPORT_DIR/report.json and PNG plots and prints a table.
+then writes REPORT_DIR/report.json and PNG plots and prints a table. Decoder-only families report
+two phases: prefill (the prompt pass) and decode (config.bench.decode_steps greedy steps with the
+KV cache after each prompt, the placement re-issued one MoE layer ahead in every step).
+
+  python launch/bench.py --config=configs/bench.py:model=qwen3_moe_tiny \
+      --config.checkpoint=random          # random params of config.model: a smoke run
 
   python launch/local_cluster.py --num_processes=2 --devices_per_process=4 -- \
       python launch/bench.py --config.cpu_devices=4       # one job of 2 processes x 4 devices
@@ -21,7 +26,8 @@ import jax  # noqa: E402
 from absl import logging  # noqa: E402
 
 from moe_jax.app import config as config_lib, runtime  # noqa: E402
-from moe_jax.bench import harness, plots, report as report_lib  # noqa: E402
+from moe_jax.bench import decode, decode_report, harness, plots  # noqa: E402
+from moe_jax.bench import report as report_lib  # noqa: E402
 
 _CONFIG = _setup.define_config("configs/bench.py")
 
@@ -45,9 +51,18 @@ def main(argv):
   for mode in job.bench.capacity_modes:
     runs[mode] = harness.run_mode(setup, batches[warm:], mode, policies,
                                   repeats=job.bench.repeats, warmup=batches[:warm])
+  steps = job.bench.decode_steps if setup.decodes else 0
+  decode_runs = {mode: decode.run_decode(setup, batches[warm:], mode, policies, steps=steps,
+                                         repeats=job.bench.repeats)
+                 for mode in job.bench.capacity_modes if steps}
   logging.info("writing the report")
   meta = harness.describe(job, setup, batches[warm:], mesh)
   report = report_lib.build_report(runs, meta)
+  if decode_runs:
+    shape = batches[0]["input_ids"].shape
+    meta["phases"] = ["prefill", "decode"]
+    meta["decode"] = {"steps": steps, "batch": int(shape[0]), "prompt": int(shape[1])}
+    report["decode"] = decode_report.build(decode_runs, meta["stacks"])
   if jax.process_index() != 0:   # multi-process: process 0 writes and prints
     return
   report_dir = job.bench.report_dir
@@ -57,7 +72,7 @@ def main(argv):
     for path in plots.write_all(report, report_dir):
       logging.info("wrote %s", path)
   print(f"\n{meta['summary']}")
-  print(report_lib.table(report))
+  print(decode_report.phase_tables(report) if decode_runs else report_lib.table(report))
   print(f"\nreport: {os.path.join(report_dir, 'report.json')}")
 
 

@@ -1,11 +1,14 @@
-"""Train the learned one-layer-ahead predictor of a Switch model from its routing traces.
+"""Train the learned one-layer-ahead predictor of a model (any family) from its routing traces.
 
   python launch/train_predictor.py --config=configs/switch_tiny.py \
       [--config.train.predictor_steps=400 --config.train.predictor_rank=0] [--out_dir=...]
+  python launch/train_predictor.py --config=configs/qwen3_moe_small.py
 
 Records (layer-l input, layer-l' router probabilities) on the training split of the pydoc text,
 trains one small map per consecutive MoE-layer pair with AdamW, and saves it with orbax to
---out_dir (default: config.predictor_checkpoint).
+--out_dir (default: config.predictor_checkpoint). Prints the metadata stored with it, then per
+layer pair the held-out top-1 hit rate, recall@k of the router's top-k and load L1 error of
+pregate and of the learned map.
 """
 
 import _setup
@@ -32,6 +35,12 @@ def main(argv):
                                 "--config.predictor_checkpoint.")
   summary = workflows.train_predictor(job, out_dir, force=flags.FLAGS.force)
   print(json.dumps(summary))
+  print(f"held out ({summary['held_out_tokens']} tokens): pair, then hit / recall@k / load L1 "
+        "error of pregate | learned")
+  for pair, by_kind in summary["held_out"].items():
+    scores = [f"{kind} {m['hit']:.3f} / {m['recall']:.3f} / {m['l1']:.3f}"
+              for kind, m in by_kind.items()]
+    print(f"  {pair}: " + " | ".join(scores))
 
 
 if __name__ == "__main__":

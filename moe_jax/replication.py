@@ -140,9 +140,9 @@ class Replicator:
   execution: ExecutionConfig = ExecutionConfig()
 
   def __post_init__(self):
-    if self.config.predictor in ("oracle", "dynamic"):
-      raise ValueError(f"predictor={self.config.predictor!r} needs this batch's true loads, which "
-                       "a serving pass does not have; use 'history', 'pregate' or 'learned'.")
+    if self.config.predictor == "dynamic":
+      raise ValueError("predictor='dynamic' selects the kind per call, which a Replicator does "
+                       "not; use 'history', 'pregate', 'learned' or (benchmarks) 'oracle'.")
 
   def init_state(self, layers: dict) -> ReplicationState:
     """A fresh state for `layers` (stack -> MoE params), with resident slots when configured."""
@@ -158,10 +158,12 @@ class Replicator:
     return {stack: LayerSummary.zeros((passes, len(p)), self.moe_cfg.num_experts, devices)
             for stack, p in layers.items()}
 
-  def runner(self, layers: dict, state: ReplicationState, learned: dict | None = None
-             ) -> "StackRunner":
+  def runner(self, layers: dict, state: ReplicationState, learned: dict | None = None,
+             oracle_loads: dict | None = None) -> "StackRunner":
+    """A `StackRunner` for one pass; `oracle_loads` (stack -> <f32>[n, E] this pass's true
+    loads, e.g. recorded by an earlier run of the same tokens) only for predictor='oracle'."""
     return StackRunner(self.config, self.moe_cfg, self.mesh, layers, state, learned=learned,
-                       execution=self.execution)
+                       oracle_loads=oracle_loads, execution=self.execution)
 
 
 @struct.dataclass

@@ -71,6 +71,7 @@ class BenchConfig:
   warmup_batches: int = 2
   report_dir: str = "reports/bench"
   plots: bool = True
+  decode_steps: int = 16    # decoder-only families: greedy steps of the decode phase (0: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +165,11 @@ def _bench(bench: dict, execution: ExecutionConfig) -> BenchConfig:
     raise UsageError("--config.bench.capacity_modes is empty; give dropless, capacity or both.")
   _check_int("bench.repeats", bench["repeats"], minimum=1)
   _check_int("bench.warmup_batches", bench["warmup_batches"], minimum=0)
+  steps = bench.get("decode_steps", BenchConfig.decode_steps)
+  _check_int("bench.decode_steps", steps, minimum=0)
+  if steps == 1:
+    raise UsageError("--config.bench.decode_steps=1: decode is timed as the difference of N "
+                     "steps and 1 step; use 0 (no decode phase) or >= 2.")
   return _build("bench", lambda: BenchConfig(**dict(bench, policies=policies,
                                                     capacity_modes=modes)))
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
+from moe_jax import metrics
 from moe_jax import predictor as predictor_lib
 
 
@@ -117,6 +118,38 @@ def _fit(params, x, target, weights, key, *, steps, batch_size, learning_rate, w
   end_loss = float(soft_cross_entropy(params, x, target, w_all))
   logging.info("predictor %s: full-data loss %.4f -> %.4f", name, start_loss, end_loss)
   return params
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+
+def evaluate(traces: dict, learned: dict, routers: dict, *, top_k: int) -> dict:
+  """Per layer pair "stack[l->l+1]": pregate's and the learned map's prediction of layer l + 1
+  from layer l's input, scored against layer l + 1's router scores (`traces`, e.g. held out).
+
+  Returns:
+    {pair: {"pregate": m, "learned": m}}, m = {"hit": top-1 hit rate, "recall": recall@top_k of
+    the router's top_k, "l1": load L1 error of the top_k choice counts} (`moe_jax.metrics`).
+    The router's choice is the top_k of its scores (exact for softmax routers).
+  """
+  out = {}
+  for stack, (xs, probs) in traces.items():
+    for l, params in enumerate(learned.get(stack, [])):
+      x, target = np.asarray(xs[l], np.float32), np.asarray(probs[l + 1], np.float32)
+      candidates = {"pregate": np.asarray(predictor_lib.pregate_logits(x, routers[stack][l + 1])),
+                    "learned": np.asarray(predictor_lib.learned_logits(params, x))}
+      out[f"{stack}[{l}->{l + 1}]"] = {name: _scores(logits, target, top_k)
+                                       for name, logits in candidates.items()}
+  return out
+
+
+def _scores(logits: np.ndarray, target: np.ndarray, top_k: int) -> dict:
+  true_ids = np.argsort(-target, axis=-1, kind="stable")[:, :top_k]
+  predicted_ids = np.argsort(-logits, axis=-1, kind="stable")[:, :top_k]
+  load = lambda ids: np.bincount(ids.reshape(-1), minlength=target.shape[-1])
+  return {"hit": metrics.hit_rate(predicted_ids[:, 0], true_ids),
+          "recall": metrics.recall_at(logits, true_ids, top_k),
+          "l1": metrics.load_l1_error(load(predicted_ids), load(true_ids))}
 
 
 # --- checkpoints ---------------------------------------------------------------------------------

@@ -66,16 +66,20 @@ def train(family: types.ModuleType, cfg, train_data: dict, *, moe_fn, steps: int
       row = {"step": i + 1, **{k: float(v) for k, v in metrics.items()},
              "seconds": time.time() - start}
       if eval_data is not None:
-        row["eval_ce"] = _mean_eval(evaluate, params, eval_data, batch_size)
+        scores = _mean_eval(evaluate, params, eval_data, batch_size)
+        row.update(eval_ce=scores["ce"], eval_accuracy=scores["accuracy"])
       history.append(row)
       logging.info("step %d/%d  loss %.3f  ce %.3f  acc %.3f  aux %.3f%s  (%.0f s)", i + 1, steps,
                    row["loss"], row["ce"], row["accuracy"], row["aux_loss"],
-                   f"  eval ce {row['eval_ce']:.3f}" if "eval_ce" in row else "", row["seconds"])
+                   f"  eval ce {row['eval_ce']:.3f} acc {row['eval_accuracy']:.3f}"
+                   if "eval_ce" in row else "", row["seconds"])
   return jax.tree.map(np.asarray, params), history
 
 
-def _mean_eval(evaluate, params, data, batch_size):
+def _mean_eval(evaluate, params, data, batch_size) -> dict:
+  """{"ce", "accuracy"}: means over the whole batches of `data` (NaN if there is none)."""
   n = len(data["input_ids"]) - len(data["input_ids"]) % batch_size
-  scores = [float(evaluate(params, {k: jnp.asarray(v[s:s + batch_size]) for k, v in data.items()})
-                  ["ce"]) for s in range(0, n, batch_size)]
-  return float(np.mean(scores)) if scores else float("nan")
+  scores = [evaluate(params, {k: jnp.asarray(v[s:s + batch_size]) for k, v in data.items()})
+            for s in range(0, n, batch_size)]
+  return {key: float(np.mean([float(m[key]) for m in scores])) if scores else float("nan")
+          for key in ("ce", "accuracy")}

@@ -143,8 +143,12 @@ def record_traces(job: Job, model_cfg, params, windows: dict, *, num_batches: in
   return predictor_training.concat_traces(traces)
 
 
+PREDICTOR_EVAL_BATCHES = 8   # held-out batches the trained predictor is scored on
+
+
 def train_predictor(job: Job, out_dir: str, *, force: bool = False) -> dict:
-  """Records traces on the train split, trains the learned predictor, saves it to `out_dir`."""
+  """Records traces on the train split, trains the learned predictor, scores it and pregate on
+  held-out traces (`predictor_training.evaluate`), saves it to `out_dir`; returns its metadata."""
   model, tokenizer = runtime.load_model(job)
   if tokenizer is None:
     raise UsageError(f"{job.checkpoint} has no spiece.model to tokenise pydoc text.")
@@ -156,9 +160,21 @@ def train_predictor(job: Job, out_dir: str, *, force: bool = False) -> dict:
   learned = predictor_training.train_learned(
       traces, routers, rank=job.predictor_rank, steps=job.train.predictor_steps,
       batch_size=512, learning_rate=3e-3, seed=job.train.seed)
+  held_out = record_traces(job, model.config, model.params,
+                           pydoc_windows(job, tokenizer, "held_out"),
+                           num_batches=PREDICTOR_EVAL_BATCHES)
+  scores = predictor_training.evaluate(
+      held_out, learned, routers,
+      top_k=job.family.moe_config(model.config, jnp.float32).top_k)
+  for pair, by_kind in scores.items():
+    logging.info("held-out %s: %s", pair, "  ".join(
+        f"{kind} hit {m['hit']:.3f} recall {m['recall']:.3f} L1 {m['l1']:.3f}"
+        for kind, m in by_kind.items()))
   metadata = {"command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
               "checkpoint": job.checkpoint, "rank": job.predictor_rank,
-              "tokens": int(next(iter(traces.values()))[0][0].shape[0])}
+              "tokens": int(next(iter(traces.values()))[0][0].shape[0]),
+              "held_out_tokens": int(next(iter(held_out.values()))[0][0].shape[0]),
+              "held_out": scores}
   predictor_training.save_learned(out_dir, learned, metadata=metadata, force=force)
   return metadata
 

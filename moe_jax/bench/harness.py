@@ -40,6 +40,11 @@ class BenchSetup:
   layers: dict                       # stack -> MoE layer params in order (family.moe_layers)
   learned: dict | None               # stack -> learned predictor params, or None
 
+  @property
+  def decodes(self) -> bool:
+    """Decoder-only families (left-padded prompts) have a decode phase (`bench.decode`)."""
+    return getattr(self.family, "PADDING_SIDE", "") == "left"
+
 
 def _forward(setup: BenchSetup, execution: ExecutionConfig,
              rcfg: replication.ReplicationConfig):
@@ -166,10 +171,7 @@ def load_setup(job, mesh) -> tuple[BenchSetup, list[dict]]:
   first) of a launch `Job` (`moe_jax.app.config`)."""
   from moe_jax.app import data as data_lib  # pylint: disable=import-outside-toplevel
   from moe_jax.app import runtime, workflows  # pylint: disable=import-outside-toplevel
-  model, tokenizer = runtime.load_model(job, mesh=mesh)
-  if tokenizer is None:
-    raise runtime.UsageError(f"{job.checkpoint} has no spiece.model: the benchmark tokenises "
-                             "held-out pydoc text with the checkpoint's own vocabulary.")
+  model, tokenizer = _load_model(job, mesh)
   num_data = mesh.shape["data"]
   if job.data.batch_size % num_data:
     raise runtime.UsageError(f"--config.data.batch_size={job.data.batch_size} is not divisible "
@@ -195,6 +197,46 @@ def load_setup(job, mesh) -> tuple[BenchSetup, list[dict]]:
                      layers=layers,
                      learned=None if learned is None else runtime.on_mesh(learned, mesh))
   return setup, batches
+
+
+RANDOM = "random"          # --config.checkpoint=random: random params of config.model
+RANDOM_VOCABULARY = "builtin:switch_tiny/spiece.model"   # 2048 pieces of pydoc text
+
+
+def _load_model(job, mesh):
+  """(the family's Model, its SentencePiece tokenizer) of config.checkpoint, or for
+  `--config.checkpoint=random` random params of config.model (seed config.seed) with the shipped
+  2048-piece pydoc vocabulary: a smoke run, its routing that of random weights."""
+  from moe_jax.app import data as data_lib  # pylint: disable=import-outside-toplevel
+  from moe_jax.app import presets, runtime  # pylint: disable=import-outside-toplevel
+  if not job.checkpoint:
+    raise runtime.UsageError("no checkpoint given: set --config.checkpoint=DIR (a Hugging Face or "
+                             "moe_jax orbax dir with spiece.model), or --config.checkpoint="
+                             "random for random params of config.model (a smoke run).")
+  if job.checkpoint != RANDOM:
+    model, tokenizer = runtime.load_model(job, mesh=mesh)
+    if tokenizer is None:
+      raise runtime.UsageError(f"{job.checkpoint} has no spiece.model: the benchmark tokenises "
+                               "held-out pydoc text with the checkpoint's own vocabulary.")
+    return model, tokenizer
+  tokenizer = data_lib.load_tokenizer(presets.resolve_checkpoint(RANDOM_VOCABULARY))
+  cfg = job.model
+  if cfg.vocab_size < tokenizer.vocab_size():
+    raise runtime.UsageError(f"--config.checkpoint=random tokenises with the shipped "
+                             f"{tokenizer.vocab_size()}-piece vocabulary: set "
+                             f"--config.model.vocab_size>={tokenizer.vocab_size()}.")
+  runtime.check_experts_fit(job.family.moe_config(cfg, jnp.float32).num_experts, mesh, job.mesh)
+  params = placed_random_params(job.family, cfg, mesh, seed=job.seed)
+  return job.family.Model(cfg, params, mesh=mesh, execution=job.execution), tokenizer
+
+
+def placed_random_params(family, cfg, mesh, *, seed: int = 0) -> dict:
+  """The family's random f32 params on `mesh` as a checkpoint import places them: expert stacks
+  sharded over 'expert', every other leaf replicated (each process copies in its devices' part)."""
+  from moe_jax.checkpoints import hf_io, layout  # pylint: disable=import-outside-toplevel
+  place = hf_io.device_placer(mesh, "expert", family.hf_key_map(cfg).expert_paths())
+  flat = layout.flatten(family.random_params(cfg, seed=seed))
+  return layout.build_tree({path: place(path, leaf) for path, leaf in flat.items()})
 
 
 def describe(job, setup: BenchSetup, batches: list[dict], mesh) -> dict:

@@ -12,23 +12,41 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 
 def write_all(report: dict, out_dir: str) -> list[str]:
-  """Writes every plot for the first dispatch mode (dropless if present); returns the paths."""
+  """Writes every plot for the first dispatch mode (dropless if present); returns the paths.
+
+  A decoder-only family's report has two phases: the prefill plots keep their names (titles
+  say "prefill"), the decode phase adds decode_expert_load_heatmap.png, decode_device_load.png
+  and decode_bytes_per_step.png.
+  """
   mode = "dropless" if "dropless" in report["modes"] else next(iter(report["modes"]))
   policies = report["modes"][mode]
+  phase = "prefill" if "decode" in report else ""
   paths = [
-      expert_load_heatmap(policies["none"], os.path.join(out_dir, "expert_load_heatmap.png")),
-      device_load(policies, os.path.join(out_dir, "device_load.png"), mode=mode),
+      expert_load_heatmap(policies["none"], os.path.join(out_dir, "expert_load_heatmap.png"),
+                          phase=phase),
+      device_load(policies, os.path.join(out_dir, "device_load.png"), mode=mode, phase=phase),
       hit_rate(policies, os.path.join(out_dir, "predictor_hit_rate.png"), mode=mode),
       throughput(report, os.path.join(out_dir, "throughput.png")),
   ]
+  if "decode" in report:
+    decode = report["decode"].get(mode) or next(iter(report["decode"].values()))
+    join = lambda name: os.path.join(out_dir, f"decode_{name}.png")
+    paths += [expert_load_heatmap(decode["none"], join("expert_load_heatmap"), phase="decode"),
+              device_load(decode, join("device_load"), mode=mode, phase="decode"),
+              bytes_per_step(decode, join("bytes_per_step"), mode=mode)]
   return paths
 
 
-def expert_load_heatmap(none: dict, path: str) -> str:
+def _phase(phase: str) -> str:
+  return {"prefill": "prefill (prompt pass): ", "decode": "decode steps: "}.get(phase, "")
+
+
+def expert_load_heatmap(none: dict, path: str, *, phase: str = "") -> str:
   layers = list(none["layers"])
   loads = np.array([none["layers"][k]["tokens_per_expert"] for k in layers], np.float64)
   loads = loads / loads.sum(axis=1, keepdims=True).clip(1)
@@ -36,12 +54,12 @@ def expert_load_heatmap(none: dict, path: str) -> str:
   im = ax.imshow(loads, aspect="auto", cmap="viridis")
   ax.set_yticks(range(len(layers)), layers)
   ax.set_xlabel("expert")
-  ax.set_title("share of token-choices per expert (policy none)")
+  ax.set_title(f"{_phase(phase)}share of token-choices per expert (policy none)")
   fig.colorbar(im, ax=ax, label="share of the layer's tokens")
   return _save(fig, path)
 
 
-def device_load(policies: dict, path: str, *, mode: str = "") -> str:
+def device_load(policies: dict, path: str, *, mode: str = "", phase: str = "") -> str:
   """Per policy, tokens per device pooled over all MoE layers and batches (/ their mean), over
   the grey bars of `none`. Titles give both balancedness figures: the per-layer mean (the
   report's) and that of the pooled bars shown (pooling hides per-layer imbalance)."""
@@ -62,8 +80,10 @@ def device_load(policies: dict, path: str, *, mode: str = "") -> str:
     ax.set_xlabel("device")
     ax.set_ylim(0, 1.3 * max((none / none.mean()).max(), (own / own.mean()).max()))
     ax.legend(fontsize=7, loc="upper center", ncol=2)
-  axes[0][0].set_ylabel("tokens / mean\n(pooled over MoE layers, batches)")
-  fig.suptitle(f"tokens per device, capacity mode {mode or '?'}: each policy vs none", fontsize=10)
+  pooled = "MoE layers, steps, batches" if phase == "decode" else "MoE layers, batches"
+  axes[0][0].set_ylabel(f"tokens / mean\n(pooled over {pooled})")
+  fig.suptitle(f"{_phase(phase)}tokens per device, capacity mode {mode or '?'}: each policy vs "
+               "none", fontsize=10)
   return _save(fig, path)
 
 
@@ -127,6 +147,26 @@ def throughput(report: dict, path: str) -> str:
   ax.legend(fontsize=8)
   fig.tight_layout(rect=(0, 0.12 if platform == "cpu" else 0, 1, 1))
   return _save(fig, path, layout=False)
+
+
+def bytes_per_step(policies: dict, path: str, *, mode: str = "") -> str:
+  """Expert-weight MB copied into replica slots in each decode step (all MoE layers, mean over
+  batches), one line per replicating policy; the legend gives each one's mean per step."""
+  fig, ax = plt.subplots(figsize=(7.5, 3.6))
+  for name, policy in policies.items():
+    if name == "none":
+      continue
+    series = np.asarray(policy["overall"]["replica_bytes_per_step_series"], np.float64) / 1e6
+    ax.plot(np.arange(1, len(series) + 1), series, "o-", ms=3,
+            label=f"{name} (mean {series.mean():.3f} MB/step)")
+  ax.set_xlabel("decode step")
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+  ax.set_ylabel("MB moved into replica slots\n(all MoE layers, mean over batches)")
+  ax.set_ylim(bottom=0)
+  ax.set_title(f"decode steps: replica bytes moved per step (capacity mode {mode or '?'})",
+               fontsize=10)
+  ax.legend(fontsize=8)
+  return _save(fig, path)
 
 
 def _device_totals(policy: dict) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Turn benchmark runs into report.json and a compact table (metric definitions: moe_jax.metrics)."""
+"""Turn benchmark runs into report.json and a compact table (metrics: moe_jax.metrics)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def layer_metrics(records_per_batch: list, stack: str, index: int) -> dict:
       "maxvio": float(np.mean([float(metrics.maxvio(d)) for d in per_device])),
       "max_device_tokens": float(np.sum([d.max() for d in per_device])),
       "drop_rate": metrics.drop_rate(dropped, total),
-      "hit_rate": _nanmean(hits),
-      "load_l1_error": _nanmean(errors),
+      "hit_rate": nanmean(hits),
+      "load_l1_error": nanmean(errors),
       "replica_bytes": float(np.sum([float(r.fetched_bytes) for r in recs])),
       "tokens_per_expert": np.sum(true, axis=0).tolist(),
       "tokens_per_device": np.sum([d.reshape(-1) for d in per_device], axis=0).tolist(),
@@ -46,8 +46,8 @@ def policy_report(result: dict, reference: dict, stacks: list) -> dict:
       "balancedness": float(np.mean([v["balancedness"] for v in layers.values()])),
       "maxvio": float(np.mean([v["maxvio"] for v in layers.values()])),
       "drop_rate": float(np.mean([v["drop_rate"] for v in layers.values()])),
-      "hit_rate": _nanmean([v["hit_rate"] for v in layers.values()]),
-      "load_l1_error": _nanmean([v["load_l1_error"] for v in layers.values()]),
+      "hit_rate": nanmean([v["hit_rate"] for v in layers.values()]),
+      "load_l1_error": nanmean([v["load_l1_error"] for v in layers.values()]),
       "replica_bytes": float(sum(v["replica_bytes"] for v in layers.values())),
       "tokens_per_second": result["tokens"] / seconds if seconds > 0 else float("nan"),
       "seconds_median": seconds,
@@ -87,18 +87,18 @@ def table(report: dict) -> str:
       o = r["overall"]
       rows.append(
           f"{mode:9s} {policy:8s} {o['balancedness']:8.3f} {o['maxvio']:7.2f} "
-          f"{100 * o['drop_rate']:6.2f} {_fmt(o['hit_rate'], 5, 2)} {_fmt(o['load_l1_error'], 6, 2)} "
+          f"{100 * o['drop_rate']:6.2f} {fmt(o['hit_rate'], 5, 2)} {fmt(o['load_l1_error'], 6, 2)} "
           f"{o['replica_bytes'] / 1e6:9.1f} {o['tokens_per_second']:8.0f} "
           f"{o['output_rel_diff_vs_none']:8.1e} {o['modelled_ep_speedup_vs_none']:10.2f}")
   return "\n".join(rows)
 
 
-def _fmt(x, width, digits):
+def fmt(x, width, digits):
   return f"{'-':>{width}s}" if x is None or (isinstance(x, float) and math.isnan(x)) else \
       f"{x:{width}.{digits}f}"
 
 
-def _nanmean(values):
+def nanmean(values):
   values = [v for v in values if v is not None and not math.isnan(v)]
   return float(np.mean(values)) if values else float("nan")
 

@@ -20,7 +20,9 @@ With a `replication.Replicator`, every decoder pass (the prefill and each step) 
 layers through a fresh `StackRunner`: each layer's replicas are placed one MoE layer ahead from
 that pass's hidden states, and the `ReplicationState` (load history, resident replicas) is
 carried from pass to pass in the loop. The router still decides every token, so the tokens are
-the same with any placement.
+the same with any placement. That is what makes the `oracle` predictor possible here (benchmarks
+only): the per-pass true loads of an earlier run of the same prompts (`GenerationStats.layers`'
+`tokens_per_expert`) are fed back as `oracle_loads`, and pass p reads row p.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def greedy_generate(params: dict, cfg: DecoderConfig, input_ids: jax.Array,
                     attention_mask: jax.Array, *, max_new_tokens: int, use_cache: bool,
                     eos_token_ids: jax.Array, pad_token_id: int, moe_fn: MoEFn,
                     replicator: replication.Replicator | None = None,
-                    learned: dict | None = None):
+                    learned: dict | None = None, oracle_loads: dict | None = None):
   """Greedy decoding (see the module docstring).
 
   Args:
@@ -77,6 +79,10 @@ def greedy_generate(params: dict, cfg: DecoderConfig, input_ids: jax.Array,
     moe_fn: the MoE hook (unused with a replicator).
     replicator: optional; replicate experts in every pass (see the module docstring).
     learned: the learned predictor's params, for a replicator with predictor="learned".
+    oracle_loads: for a replicator with predictor="oracle": stack -> <f32>[passes, n, E] the true
+      loads of every pass and MoE layer (pass 0: the prefill when cached), indexed by the pass
+      counter inside the loop; e.g. `GenerationStats.layers[stack].tokens_per_expert` of a run
+      of the same prompts with predictor="none" (valid because the tokens are the same).
 
   Returns:
     <int32>[B, P + N]; with a replicator, (that, `GenerationStats`).
@@ -106,7 +112,9 @@ def greedy_generate(params: dict, cfg: DecoderConfig, input_ids: jax.Array,
     if replicator is None:
       hidden, cache, _ = stack.decode(params, cfg, ids, pos, mask, cache, moe_fn=moe_fn)
       return hidden, cache, stats
-    runner = replicator.runner(stack.moe_layers(params, cfg), stats.state, learned)
+    oracle = (None if oracle_loads is None else
+              {s: loads[stats.passes].astype(jnp.float32) for s, loads in oracle_loads.items()})
+    runner = replicator.runner(stack.moe_layers(params, cfg), stats.state, learned, oracle)
     hidden, cache, _ = stack.decode(params, cfg, ids, pos, mask, cache, moe_fn=runner.moe_fn)
     layers = jax.tree.map(lambda kept, new: kept.at[stats.passes].set(new), stats.layers,
                           runner.summaries())

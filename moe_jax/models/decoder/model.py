@@ -78,12 +78,12 @@ def _forward_jit(params, input_ids, attention_mask, learned, *, cfg, moe_fn, out
 
 @functools.partial(jax.jit, static_argnames=("cfg", "moe_fn", "max_new_tokens", "use_cache",
                                              "pad_token_id", "replicator"))
-def _generate_jit(params, input_ids, attention_mask, eos_token_ids, learned, *, cfg, moe_fn,
-                  max_new_tokens, use_cache, pad_token_id, replicator):
+def _generate_jit(params, input_ids, attention_mask, eos_token_ids, learned, oracle_loads, *, cfg,
+                  moe_fn, max_new_tokens, use_cache, pad_token_id, replicator):
   return decoder_generate.greedy_generate(
       params, cfg, input_ids, attention_mask, max_new_tokens=max_new_tokens, use_cache=use_cache,
       eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, moe_fn=moe_fn,
-      replicator=replicator, learned=learned)
+      replicator=replicator, learned=learned, oracle_loads=oracle_loads)
 
 
 class DecoderModel:
@@ -129,11 +129,15 @@ class DecoderModel:
     """Forward pass (see `forward`); `moe_fn` (hashable) replaces the default hook, or
     `replication` places replicas one MoE layer ahead (from an empty load history)."""
     input_ids, attention_mask = self._check_batch(input_ids, attention_mask)
+    if isinstance(replication, ReplicationConfig) and replication.predictor == "oracle":
+      raise ValueError("predictor='oracle' replays recorded per-pass loads, which only "
+                       "generate(..., oracle_loads=...) takes; use 'history', 'pregate' or "
+                       "'learned' here.")
     return _forward_jit(self.params, input_ids, attention_mask, learned, cfg=self.config,
                         moe_fn=moe_fn or self.moe_fn, output_router=output_router,
                         replicator=self._replicator(replication, learned))
 
-  def _replicator(self, config, learned):
+  def _replicator(self, config, learned, oracle_loads=None):
     if config is None:
       return None
     if not isinstance(config, ReplicationConfig):
@@ -145,12 +149,17 @@ class DecoderModel:
     if (config.predictor == "learned") != (learned is not None):
       raise ValueError("predictor='learned' needs learned=<predictor params> (and only it "
                        "reads them): train them with launch/train_predictor.py.")
+    if (config.predictor == "oracle") != (oracle_loads is not None):
+      raise ValueError("predictor='oracle' needs oracle_loads=<per-pass true loads> (and only it "
+                       "reads them): generate the same prompts with predictor='none' and "
+                       "return_stats=True, then pass {s: stats.layers[s].tokens_per_expert}.")
     return Replicator(config, self.moe_config, self.mesh, self.execution)
 
   def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int,
                use_cache: bool = True, eos_token_id=_CHECKPOINT_EOS,
                moe_fn: MoEFn | None = None, replication: ReplicationConfig | None = None,
-               learned: dict | None = None, return_stats: bool = False):
+               learned: dict | None = None, oracle_loads: dict | None = None,
+               return_stats: bool = False):
     """Greedy decoding: <int32>[B, P + max_new_tokens] (see `generate.py`).
 
     Args:
@@ -163,6 +172,10 @@ class DecoderModel:
       replication: optional `ReplicationConfig`: replicas placed one MoE layer ahead in the
         prefill and in every decode step, the load history carried from step to step.
       learned: the learned predictor's params (predictor="learned" only).
+      oracle_loads: predictor="oracle" only (benchmarks: an upper bound, not a serving policy):
+        stack -> <f32 or int>[passes, n MoE layers, E] the true loads of every pass (passes >=
+        max_new_tokens + 1 cached, max_new_tokens uncached), e.g. `tokens_per_expert` of
+        `GenerationStats.layers` from generating the same prompts with predictor="none".
       return_stats: with `replication`, also return its `generate.GenerationStats`.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -174,14 +187,34 @@ class DecoderModel:
            else (int(eos_token_id),) if np.ndim(eos_token_id) == 0
            else tuple(int(i) for i in eos_token_id))
     eos = jnp.asarray(eos or (-1,), jnp.int32)     # traced: no recompilation per eos choice
-    replicator = self._replicator(replication, learned)
-    out = _generate_jit(self.params, input_ids, attention_mask, eos, learned, cfg=self.config,
+    replicator = self._replicator(replication, learned, oracle_loads)
+    if oracle_loads is not None:
+      oracle_loads = self._check_oracle_loads(oracle_loads, max_new_tokens + bool(use_cache))
+    out = _generate_jit(self.params, input_ids, attention_mask, eos, learned, oracle_loads,
+                        cfg=self.config,
                         moe_fn=moe_fn or self.moe_fn, max_new_tokens=max_new_tokens,
                         use_cache=bool(use_cache), pad_token_id=self.config.generation_pad_id,
                         replicator=replicator)
     if replicator is None:
       return out
     return out if return_stats else out[0]
+
+  def _check_oracle_loads(self, oracle_loads: dict, passes: int) -> dict:
+    """`oracle_loads` as f32 after checking it has a [>= passes, n, E] array per MoE stack."""
+    layers = stack.moe_layers(self.params, self.config)
+    if not isinstance(oracle_loads, dict) or set(oracle_loads) != set(layers):
+      raise ValueError(f"oracle_loads must map each MoE stack {sorted(layers)} to its per-pass "
+                       "true loads; pass {s: stats.layers[s].tokens_per_expert}.")
+    out = {}
+    for name, loads in oracle_loads.items():
+      shape = tuple(np.shape(loads))
+      want = (len(layers[name]), self.config.num_experts)
+      if len(shape) != 3 or shape[0] < passes or shape[1:] != want:
+        raise ValueError(f"oracle_loads[{name!r}] has shape {shape}; it needs [passes >= "
+                         f"{passes}, {want[0]}, {want[1]}]: the stats of a generate with the "
+                         "same max_new_tokens and use_cache.")
+      out[name] = jnp.asarray(loads, jnp.float32)
+    return out
 
   def _check_batch(self, input_ids, attention_mask):
     input_ids = jnp.asarray(input_ids)
