@@ -21,6 +21,7 @@ flags.DEFINE_integer("resamples", 4000, "bootstrap resamples")
 flags.DEFINE_integer("seed", 0, "bootstrap seed")
 
 _MAY_DIFFER = ("rounds",)
+_DEFAULTS = {"phase": "prefill"}      # runs from before --phase existed timed prefill steps
 
 
 def load(path: str) -> tuple[dict, dict]:
@@ -43,10 +44,11 @@ def pool(results: list, *, resamples: int = 4000, seed: int = 0) -> dict:
   over layers and steps under none / under the policy, over every run), and fraction_of_ideal
   with its fraction_lo / fraction_hi.
   """
-  first = results[0][0]["flags"]
+  first = dict(_DEFAULTS, **results[0][0]["flags"])
   for report, _ in results[1:]:
-    differ = sorted(k for k in set(first) | set(report["flags"])
-                    if k not in _MAY_DIFFER and first.get(k) != report["flags"].get(k))
+    other = dict(_DEFAULTS, **report["flags"])
+    differ = sorted(k for k in set(first) | set(other)
+                    if k not in _MAY_DIFFER and first.get(k) != other.get(k))
     if differ:
       raise ValueError(f"runs with different flags cannot be pooled: {differ}; pool runs of one "
                        "command (only --rounds may differ).")

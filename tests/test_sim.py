@@ -1,5 +1,7 @@
 """The simulator's cost model on hand-computed cases."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -217,3 +219,130 @@ def test_sticky_tables_keep_a_table_unless_the_new_one_gains_enough():
   trace = traces.Trace(true_load=estimate, predicted={}, tokens_per_step=20, top_k=1)
   with pytest.raises(ValueError, match="resident_replicas=True"):
     sim.simulate(trace, SHAPE.replace(num_experts=4), CLUSTER, 2, stickiness=0.1)
+
+
+# --- decode: weight reads of the slots that got rows + per-row compute -------------------------
+# With CLUSTER's defaults (decode rates = hbm / flops): one read 32 B / 32 B/s = 1 s, one row
+# 32 FLOPs / 32 FLOP/s = 1 s.
+
+
+def test_slot_rows_deal_whole_rows_over_copies_in_table_order():
+  # Expert 2's 6 choices: 3 to device 0's replica slot (first in row-major order), 3 home.
+  np.testing.assert_array_equal(cost.slot_rows(TOKENS, TABLE), [[10, 0, 3], [3, 4, 0]])
+  # One choice of a copied expert goes to its first copy only; leading axes broadcast.
+  one = np.array([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 3.0, 0.0]])
+  np.testing.assert_array_equal(cost.slot_rows(one, TABLE),
+                                [[[0, 0, 1], [0, 0, 0]], [[0, 0, 2], [1, 0, 0]]])
+
+
+def test_decode_charges_a_replica_read_to_its_holder_and_no_read_to_an_idle_expert():
+  rows = cost.slot_rows(TOKENS, TABLE)
+  # Device 0: reads experts 0 and its replica of 2 (expert 1 has no rows: no read) + 13 rows.
+  # Device 1: reads experts 2 and 3 + 7 rows.
+  np.testing.assert_allclose(cost.decode_seconds(rows, SHAPE, CLUSTER), [2 + 13, 2 + 7])
+  # The replica's single row: device 0 pays the read, device 1 (home of expert 2) reads nothing.
+  lone = cost.slot_rows(np.array([0.0, 0.0, 1.0, 0.0]), TABLE)
+  np.testing.assert_allclose(cost.decode_seconds(lone, SHAPE, CLUSTER), [1 + 1, 0])
+  # Fitted decode rates: 16 B/s (2 s per read), 64 FLOP/s (0.5 s per row).
+  fitted = CLUSTER.replace(decode_bytes_per_s=16.0, decode_flops_per_s=64.0)
+  np.testing.assert_allclose(cost.decode_seconds(rows, SHAPE, fitted), [4 + 6.5, 4 + 3.5])
+  with pytest.raises(ValueError, match="decode_bytes_per_s must be > 0 or None"):
+    CLUSTER.replace(decode_bytes_per_s=0.0)
+
+
+def test_decode_layer_cost_uses_measured_rows_per_slot_when_given():
+  layer = cost.layer_cost(TOKENS[None], TABLE, 10, SHAPE, CLUSTER, phase="decode")
+  # gemm = slowest device 15 s; dispatch = combine = 14 s (as in prefill).
+  assert layer.gemm_s == pytest.approx(15.0) and layer.time_s == pytest.approx(14 + 15 + 14)
+  np.testing.assert_allclose(layer.device_tokens, [[13, 7]])
+  measured = np.array([[[10, 0, 6], [0, 4, 0]]])      # the replica took all 6 rows of expert 2
+  layer = cost.layer_cost(TOKENS[None], TABLE, 10, SHAPE, CLUSTER, phase="decode",
+                          rows_per_slot=measured)
+  assert layer.gemm_s == pytest.approx(2 + 16)           # device 1 reads only expert 3
+  with pytest.raises(ValueError, match="decode input"):
+    cost.layer_cost(TOKENS[None], TABLE, 10, SHAPE, CLUSTER, rows_per_slot=measured)
+  with pytest.raises(ValueError, match="phase='train'"):
+    cost.layer_cost(TOKENS[None], TABLE, 10, SHAPE, CLUSTER, phase="train")
+
+
+def test_simulate_decode_pays_the_replica_read_that_prefill_hides():
+  true = np.array([[[12.0, 4.0, 2.0, 2.0]], [[12.0, 4.0, 2.0, 2.0]]])
+  trace = traces.Trace(true_load=true, predicted={}, tokens_per_step=20, top_k=1)
+  out = sim.simulate(trace, SHAPE, CLUSTER, 2, policies=("none", "oracle"), num_replica_slots=1,
+                     warmup_steps=0, phase="decode")
+  # none: device 0 reads experts 0 and 1 and computes 16 rows; a2a 17 s each way.
+  assert out["none"].mean_step_s == pytest.approx(2 * 17 + 2 + 16)
+  # oracle: expert 0 copied to device 1 (6 + 6 rows): device 1 reads 3 experts + 10 rows = 13 s;
+  # a2a 11 s each way, 17 s prefetch: the balance the ideal promises (1.6x) is spent on reads.
+  assert out["oracle"].ideal_speedup == pytest.approx(1.6)
+  assert out["oracle"].mean_step_s == pytest.approx(2 * 11 + 13 + 17)
+  assert out["oracle"].speedup == pytest.approx(52 / 52)
+
+
+def test_padded_resident_prefetch_moves_only_the_changed_columns():
+  padded = CLUSTER.replace(padded_all_to_all=True)
+  before = np.array([[0, 1, -1, -1], [2, 3, 0, -1]])
+  after = np.array([[0, 1, -1, -1], [2, 3, 0, 1]])        # only column 1 changed
+  # One column exchanged: (De - 1) * 32 B / 2 B/s + 1 s latency.
+  assert cost.prefetch_seconds(after, SHAPE, padded, previous_table=before) == pytest.approx(17)
+  assert cost.prefetch_seconds(after, SHAPE, padded, previous_table=after) == 0.0
+  assert cost.prefetch_seconds(after, SHAPE, padded) == pytest.approx(33)   # refetch: both
+
+
+def test_validation_of_a_decode_run_uses_its_measured_rows_and_states_speedup_errors():
+  from moe_jax.sim import validate
+  loads = np.array([[[12.0, 4.0, 2.0, 2.0]]])
+  home = np.array([[[[0, 1, -1], [2, 3, -1]]]])
+  copied = np.array([[[[0, 1, -1], [2, 3, 0]]]])
+  runs = {"none": {"seconds": np.array([60.0]), "tokens_per_expert": loads, "slot_table": home,
+                   "tokens_per_slot": np.array([[[[[12, 4, 0], [2, 2, 0]]]]])},
+          "oracle": {"seconds": np.array([40.0]), "tokens_per_expert": loads,
+                     "slot_table": copied,
+                     "tokens_per_slot": np.array([[[[[2, 4, 0], [2, 2, 10]]]]])}}
+  modelled = validate.simulate_runs(runs, SHAPE, CLUSTER, tokens_per_device=10, phase="decode")
+  assert modelled["none"][0] == pytest.approx(2 * 17 + 2 + 16)
+  # Measured rows: device 1 reads 3 experts + 14 rows = 17 s; a2a from the loads: 11 s each way.
+  assert modelled["oracle"][0] == pytest.approx(2 * 11 + 17 + 17)
+  rows = validate.compare(runs, modelled)
+  assert rows["oracle"]["measured_paired_speedup"] == pytest.approx(1.5)
+  assert rows["oracle"]["speedup_error"] == pytest.approx((52 / 56) / 1.5 - 1)
+
+
+def test_decode_fit_returns_positive_rates():
+  from moe_jax.sim import fit
+  read, row = fit.decode_fit(8, 16, rows=(1, 4), min_bytes=1 << 12, repeats=1)
+  assert read > 0 and row > 0 and np.isfinite(read) and np.isfinite(row)
+
+
+def test_decoder_traces_of_generation_have_one_step_per_prompt_pass_and_decode_pass():
+  import moe_jax
+  from moe_jax import models
+  from moe_jax.sim import decoder_traces
+  path = os.path.join(os.path.dirname(__file__), "fixtures", "decoder", "qwen3_moe")
+  model = models.from_pretrained(path, mesh=moe_jax.make_mesh(data=1, expert=2))
+  num_layers, experts, k = 2, model.config.num_experts, model.moe_config.top_k
+  rng = np.random.default_rng(0)
+  batches = [(rng.integers(3, 60, (2, 4)).astype(np.int32), np.ones((2, 4), np.int32))
+             for _ in range(2)]
+  prefill, decode = decoder_traces.record(model, batches, max_new_tokens=3, meta={"x": 1})
+  assert prefill.true_load.shape == (2, num_layers, experts)           # one step per batch
+  assert decode.true_load.shape == (2 * 3, num_layers, experts)        # 3 decode passes each
+  np.testing.assert_array_equal(prefill.true_load.sum(-1), 2 * 4 * k)  # B * P tokens x top-k
+  np.testing.assert_array_equal(decode.true_load.sum(-1), 2 * k)       # B tokens x top-k
+  assert (prefill.tokens_per_step, decode.tokens_per_step, decode.top_k) == (8, 2, k)
+  assert decode.predicted["pregate"].shape == decode.true_load.shape
+  np.testing.assert_allclose(decode.predicted["pregate"][:, 1].sum(-1), 2 * k)   # layer 1
+  assert (prefill.meta["phase"], decode.meta["phase"], decode.meta["x"]) == ("prefill", "decode",
+                                                                             1)
+  with pytest.raises(ValueError, match="at least one predictor"):
+    decoder_traces.record(model, batches, max_new_tokens=3, predictors=())
+
+
+def test_a_fitted_layer_overhead_is_added_to_every_layer_in_both_phases():
+  slow = CLUSTER.replace(layer_overhead_s=2.0)
+  for phase in ("prefill", "decode"):
+    base = cost.layer_cost(TOKENS[None], TABLE, 10, SHAPE, CLUSTER, phase=phase)
+    layer = cost.layer_cost(TOKENS[None], TABLE, 10, SHAPE, slow, phase=phase)
+    assert layer.time_s == pytest.approx(base.time_s + 2.0) and layer.overhead_s == 2.0
+  with pytest.raises(ValueError, match="layer_overhead_s must be >= 0"):
+    CLUSTER.replace(layer_overhead_s=-1.0)

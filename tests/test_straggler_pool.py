@@ -65,3 +65,17 @@ def test_pool_cli_on_the_shipped_results():
   lines = proc.stdout.splitlines()
   assert [line.split()[0] for line in lines[2:]] == ["history", "pregate", "learned", "oracle"]
   assert all(line.split()[1] == "60" for line in lines[2:])     # 3 runs x 5 rounds x 4 batches
+
+
+def test_pool_reads_a_run_without_phase_as_prefill(tmp_path):
+  old = _run(tmp_path, "old", [1.0], [0.9], 1300, 1000)
+  new = _run(tmp_path, "new", [1.0], [0.8], 1300, 1000)
+  decode = _run(tmp_path, "decode", [1.0], [0.8], 1300, 1000)
+  for name, phase in (("new", "prefill"), ("decode", "decode")):
+    report = json.loads((tmp_path / f"{name}.json").read_text())
+    report["flags"]["phase"] = phase
+    (tmp_path / f"{name}.json").write_text(json.dumps(report))
+  row = straggler_pool.pool([straggler_pool.load(old), straggler_pool.load(new)], resamples=50)
+  assert row["history"]["pairs"] == 2
+  with pytest.raises(ValueError, match=r"\['phase'\]"):
+    straggler_pool.pool([straggler_pool.load(old), straggler_pool.load(decode)])

@@ -78,6 +78,14 @@ class Cluster:
       fallback) instead of exactly the rows / weights needed (ragged, GPU/TPU).
     overlap_prefetch: replica weights for layer l + 1 move while layer l computes (async
       collectives, GPU/TPU); False adds the prefetch time to the step (CPU).
+    decode_bytes_per_s: decode: bytes/s at which a device reads an expert's weights for a few
+      rows (None: hbm_bytes_per_s). A grouped matmul over a handful of rows per expert often
+      streams weights slower than a plain read (XLA:CPU: about half).
+    decode_flops_per_s: decode: FLOP/s of the per-row work on top of the weight read (None:
+      flops_per_s). Together: a decode device takes active slots * expert bytes /
+      decode_bytes_per_s + rows * FLOPs per row / decode_flops_per_s (`cost.decode_seconds`).
+    layer_overhead_s: fixed seconds every MoE layer costs beyond its modelled phases (routing,
+      program and collective overheads; `fit.layer_overhead_fit`); 0 for the presets.
   """
 
   name: str
@@ -87,13 +95,30 @@ class Cluster:
   latency_s: float = 0.0
   padded_all_to_all: bool = False
   overlap_prefetch: bool = True
+  decode_bytes_per_s: float | None = None
+  decode_flops_per_s: float | None = None
+  layer_overhead_s: float = 0.0
 
   def __post_init__(self):
     for field in ("flops_per_s", "hbm_bytes_per_s", "a2a_bytes_per_s"):
       if not getattr(self, field) > 0:
         raise ValueError(f"Cluster.{field} must be > 0, got {getattr(self, field)}.")
-    if self.latency_s < 0:
-      raise ValueError(f"Cluster.latency_s must be >= 0, got {self.latency_s}.")
+    for field in ("decode_bytes_per_s", "decode_flops_per_s"):
+      if getattr(self, field) is not None and not getattr(self, field) > 0:
+        raise ValueError(f"Cluster.{field} must be > 0 or None, got {getattr(self, field)}.")
+    for field in ("latency_s", "layer_overhead_s"):
+      if getattr(self, field) < 0:
+        raise ValueError(f"Cluster.{field} must be >= 0, got {getattr(self, field)}.")
+
+  @property
+  def weight_read_bytes_per_s(self) -> float:
+    """Decode: bytes/s of reading an active slot's expert weights."""
+    return self.decode_bytes_per_s or self.hbm_bytes_per_s
+
+  @property
+  def row_flops_per_s(self) -> float:
+    """Decode: FLOP/s of the per-row expert work."""
+    return self.decode_flops_per_s or self.flops_per_s
 
   def replace(self, **changes) -> "Cluster":
     return dataclasses.replace(self, **changes)

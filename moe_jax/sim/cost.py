@@ -12,6 +12,7 @@ separated by collectives, so each phase lasts as long as its slowest device:
             (h + r) experts' weights at HBM speed (what moe_jax did before its grouped matmuls
             read weight segments in place; kept to show what that costs)
   combine   the reverse all-to-all
+  overhead  `Cluster.layer_overhead_s`, a fitted fixed cost per layer (0 for the presets)
 
 An expert's tokens are split evenly over its copies (what moe_jax's permutation does). All-to-all
 time per device is max(bytes sent, bytes received) / bandwidth + latency, with sources assumed
@@ -21,6 +22,13 @@ CPU fallback instead: every device sends a worst-case buffer of T_dev * k rows t
 Replica weights for layer l move during layer l - 1 (`Cluster.overlap_prefetch`), so only what
 exceeds layer l - 1's time is exposed; without overlap, or for the first layer, all of it is.
 The rows of the data axis run concurrently; a layer lasts as long as its slowest row.
+
+Two phases (`PHASES`). `prefill` (and training-style batches) is the roofline above, with each
+expert's tokens split fractionally over its copies. `decode` (a few rows per expert per step)
+replaces the gemm by weight bandwidth plus per-row compute: each expert's choices are dealt
+round-robin over its copies in whole rows (`slot_rows`), and a device pays a full weight read for
+every slot (home or replica) dealt >= 1 row, plus its rows' FLOPs (`decode_seconds`): a replica
+splits the hot expert's rows but its read is paid again, on the device that holds it.
 """
 
 from __future__ import annotations
@@ -31,13 +39,15 @@ import numpy as np
 
 from moe_jax.sim.cluster import Cluster, ExpertShape
 
+PHASES = ("prefill", "decode")
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerCost:
   """Seconds of one MoE layer (each phase: max over devices and data rows).
 
   Attributes:
-    time_s: dense + dispatch + gemm + assemble + combine.
+    time_s: dense + dispatch + gemm + assemble + combine + overhead (`Cluster.layer_overhead_s`).
     prefetch_s: moving this layer's replica weights (exposed or not: see `step_cost`).
     device_tokens: <f64>[Dd, De] token-choices computed per device.
   """
@@ -50,6 +60,7 @@ class LayerCost:
   combine_s: float
   prefetch_s: float
   device_tokens: np.ndarray
+  overhead_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +98,37 @@ def gemm_seconds(expert_tokens, slot_table, shape: ExpertShape, cluster: Cluster
   return np.maximum(compute, weights)
 
 
+def slot_rows(expert_tokens, slot_table) -> np.ndarray:
+  """<f64>[..., De, h + r] whole rows per slot: each expert's choices dealt round-robin over its
+  copies, in the table's row-major order (copy j of c gets n // c, plus 1 if j < n % c).
+
+  Args:
+    expert_tokens: <f>[..., E] token-choices per expert (rounded to whole rows), any leading axes.
+    slot_table: <int>[De, h + r] expert held by each slot (-1: empty).
+  """
+  tokens = np.rint(np.asarray(expert_tokens, np.float64))
+  table = np.asarray(slot_table)
+  flat = table.ravel()
+  order = np.argsort(flat, kind="stable")
+  first = np.searchsorted(flat[order], flat[order], side="left")
+  rank = np.empty_like(flat)
+  rank[order] = np.arange(flat.size) - first                   # copy index of every slot
+  held = flat >= 0
+  copies = np.bincount(flat[held], minlength=tokens.shape[-1])
+  expert = np.clip(flat, 0, None)
+  n, c = tokens[..., expert], np.maximum(copies[expert], 1)
+  rows = np.where(held, n // c + (rank < n % c), 0.0)
+  return rows.reshape(tokens.shape[:-1] + table.shape)
+
+
+def decode_seconds(rows, shape: ExpertShape, cluster: Cluster) -> np.ndarray:
+  """<f64>[..., De] decode time per device from rows per slot <f>[..., De, h + r]: a full weight
+  read for every slot with >= 1 row (an idle slot reads nothing) + per-row compute."""
+  rows = np.asarray(rows, np.float64)
+  reads = (rows > 0).sum(axis=-1) * shape.expert_bytes / cluster.weight_read_bytes_per_s
+  return reads + rows.sum(axis=-1) * shape.flops_per_choice / cluster.row_flops_per_s
+
+
 def all_to_all_seconds(expert_tokens, slot_table, choices_per_device: float, shape: ExpertShape,
                        cluster: Cluster) -> np.ndarray:
   """<f64>[De] one direction (dispatch or combine) of the token all-to-all, per device.
@@ -116,8 +158,9 @@ def prefetch_seconds(slot_table, shape: ExpertShape, cluster: Cluster, *,
 
   Ragged: a device receives the replicas it will hold and its home experts go to every device that
   copies them. Padded (moe_jax's CPU fallback): every replicating layer sends r weight cells to
-  every peer, filled or not. With `previous_table` (replicas kept resident between steps), a slot that
-  already holds the same expert moves nothing.
+  every peer, filled or not. With `previous_table` (replicas kept resident between steps), a slot
+  that already holds the same expert moves nothing; padded, each replica column is then its own
+  exchange, skipped when no device's slot in it changed (`replicas.refresh`).
   """
   table = np.asarray(slot_table)
   num_devices, slots = table.shape
@@ -126,8 +169,12 @@ def prefetch_seconds(slot_table, shape: ExpertShape, cluster: Cluster, *,
   if not replicating or replicas == 0 or num_devices == 1:
     return 0.0
   if cluster.padded_all_to_all:
+    exchanges = 1
+    if previous_table is not None:
+      replicas = exchanges = int(np.any(table[:, home:] != np.asarray(previous_table)[:, home:],
+                                        axis=0).sum())
     moved = (num_devices - 1) * replicas * shape.expert_bytes
-    return moved / cluster.a2a_bytes_per_s + cluster.latency_s
+    return moved / cluster.a2a_bytes_per_s + cluster.latency_s * exchanges
   filled = table[:, home:].copy()
   if previous_table is not None:                # already on that device (any replica column)
     previous = np.asarray(previous_table)[:, home:]
@@ -142,7 +189,8 @@ def prefetch_seconds(slot_table, shape: ExpertShape, cluster: Cluster, *,
 
 def layer_cost(row_tokens, slot_table, tokens_per_device: float, shape: ExpertShape,
                cluster: Cluster, *, replicating: bool = True, previous_table=None,
-               assemble_weights: bool = False) -> LayerCost:
+               assemble_weights: bool = False, phase: str = "prefill",
+               rows_per_slot=None) -> LayerCost:
   """Cost of one MoE layer.
 
   Args:
@@ -156,22 +204,42 @@ def layer_cost(row_tokens, slot_table, tokens_per_device: float, shape: ExpertSh
       fetched (the library default).
     assemble_weights: replicating layers copy home + replica weights into one stack; False
       (moe_jax's grouped matmuls, which read the weight segments in place).
+    phase: "prefill" (roofline gemm) or "decode" (weight reads of active slots + per-row
+      compute; see the module docstring).
+    rows_per_slot: decode only, optional <f>[Dd, De, h + r] measured rows per slot (e.g.
+      `MoEStats.tokens_per_slot`) instead of the round-robin deal of `slot_rows`.
   """
   row_tokens = np.atleast_2d(np.asarray(row_tokens, np.float64))
   choices = tokens_per_device * shape.top_k
   a2a = np.stack([all_to_all_seconds(r, slot_table, choices, shape, cluster) for r in row_tokens])
-  gemm = np.stack([gemm_seconds(r, slot_table, shape, cluster) for r in row_tokens])
+  gemm, computed = _expert_seconds(row_tokens, slot_table, shape, cluster, phase, rows_per_slot)
   dense = tokens_per_device * shape.dense_flops_per_token / cluster.flops_per_s
   dispatch = combine = float(a2a.max())
   slots = np.asarray(slot_table).shape[1]
   assemble = (2.0 * slots * shape.expert_bytes / cluster.hbm_bytes_per_s
               if replicating and assemble_weights else 0.0)
-  time = dense + dispatch + float(gemm.max()) + assemble + combine
+  overhead = cluster.layer_overhead_s
+  time = dense + dispatch + float(gemm.max()) + assemble + combine + overhead
   return LayerCost(time_s=time, dense_s=dense, dispatch_s=dispatch, gemm_s=float(gemm.max()),
-                   assemble_s=assemble, combine_s=combine,
+                   assemble_s=assemble, combine_s=combine, overhead_s=overhead,
                    prefetch_s=prefetch_seconds(slot_table, shape, cluster, replicating=replicating,
                                                previous_table=previous_table),
-                   device_tokens=np.stack([device_tokens(r, slot_table) for r in row_tokens]))
+                   device_tokens=computed)
+
+
+def _expert_seconds(row_tokens, slot_table, shape, cluster, phase, rows_per_slot):
+  """(<f64>[Dd, De] expert time per device, <f64>[Dd, De] choices computed per device)."""
+  if phase not in PHASES:
+    raise ValueError(f"phase={phase!r}: use one of {PHASES}.")
+  if phase == "prefill":
+    if rows_per_slot is not None:
+      raise ValueError("rows_per_slot is a decode input; drop it for phase='prefill'.")
+    return (np.stack([gemm_seconds(r, slot_table, shape, cluster) for r in row_tokens]),
+            np.stack([device_tokens(r, slot_table) for r in row_tokens]))
+  rows = (slot_rows(row_tokens, slot_table) if rows_per_slot is None
+          else np.asarray(rows_per_slot, np.float64).reshape(
+              (row_tokens.shape[0],) + np.shape(slot_table)))
+  return decode_seconds(rows, shape, cluster), rows.sum(axis=-1)
 
 
 def step_cost(layers: list[LayerCost], cluster: Cluster) -> StepCost:

@@ -7,6 +7,8 @@
 
 Meshes: the expert axis is min(devices, E) and the data axis takes the rest (D > E replicates
 the experts over data rows, each row its own exchange, as moe_jax's ('data', 'expert') mesh).
+Phases: `phase="prefill"` costs each step's experts as a roofline, `"decode"` as weight reads of
+the slots that got rows plus per-row compute (see `cost`).
 Scaling: with `tokens_per_device` set, each data row's loads are resampled from the trace (see
 `traces.resample_rows`); without it the trace is used as recorded (one data row, T_dev = tokens
 per step / De), which is how a simulation is compared with a measured run of the same trace.
@@ -36,8 +38,8 @@ class PolicyResult:
     ideal_speedup: sum of the busiest device's tokens under `none` / under this policy
       (the speedup if time were proportional to the straggler's tokens), same steps.
     speedup: mean step time of `none` / of this policy.
-    breakdown: mean seconds per step of dense / dispatch / gemm / assemble / combine / exposed
-      prefetch.
+    breakdown: mean seconds per step of dense / dispatch / gemm / assemble / combine / overhead
+      / exposed prefetch.
   """
 
   policy: str
@@ -64,7 +66,7 @@ def simulate(trace: traces_lib.Trace, shape: ExpertShape, cluster: Cluster, num_
              policies=policies_lib.POLICIES, tokens_per_device: int | None = None,
              num_replica_slots: int = 2, history_decay: float = 0.8, warmup_steps: int = 1,
              resident_replicas: bool = False, stickiness: float = 0.0,
-             assemble_weights: bool = False, seed: int = 0) -> dict:
+             assemble_weights: bool = False, phase: str = "prefill", seed: int = 0) -> dict:
   """Simulates every policy on the same (resampled) loads; returns policy -> `PolicyResult`.
 
   `resident_replicas`: each layer's replica slots keep their weights between steps, so a step only
@@ -74,6 +76,9 @@ def simulate(trace: traces_lib.Trace, shape: ExpertShape, cluster: Cluster, num_
   expected max device load by more than this fraction (`policies.sticky_tables`).
   `assemble_weights`: replicating layers copy home + replica weights into one stack per layer
   (older moe_jax); False models reading them in place (moe_jax now).
+  `phase`: "prefill" (roofline gemm) or "decode" (weight reads of the slots with rows + per-row
+  compute, `cost.decode_seconds`); for decode, `tokens_per_device` is the sequences each device
+  decodes per step.
   """
   if stickiness > 0 and not resident_replicas:
     raise ValueError("stickiness > 0 keeps the previous step's table, which only resident "
@@ -90,7 +95,7 @@ def simulate(trace: traces_lib.Trace, shape: ExpertShape, cluster: Cluster, num_
     tables = policies_lib.slot_tables(est, shape.num_experts, expert, num_replica_slots,
                                       true_global.shape[:2])
     tables = policies_lib.sticky_tables(tables, est, stickiness)
-    options = dict(replicating=policy != "none", assemble_weights=assemble_weights)
+    options = dict(replicating=policy != "none", assemble_weights=assemble_weights, phase=phase)
     steps = [_step(rows[s], tables[s], tokens_per_device, shape, cluster,
                    tables[s - 1] if resident_replicas and s > 0 else None, options)
              for s in range(rows.shape[0])]
@@ -138,7 +143,7 @@ def _policy_summary(steps, warmup_steps):
   step_s = np.array([s[1].time_s for s in steps])
   peak = np.stack([s[1].max_device_tokens for s in steps])                  # [S, L]
   breakdown = {name: float(np.mean([sum(getattr(c, f"{name}_s") for c in s[0]) for s in kept]))
-               for name in ("dense", "dispatch", "gemm", "assemble", "combine")}
+               for name in ("dense", "dispatch", "gemm", "assemble", "combine", "overhead")}
   breakdown["exposed_prefetch"] = float(np.mean([s[1].exposed_prefetch_s.sum() for s in kept]))
   return dict(step_s=step_s, mean_step_s=float(np.mean([s[1].time_s for s in kept])),
               max_device_tokens=peak, breakdown=breakdown,
