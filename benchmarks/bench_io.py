@@ -79,8 +79,9 @@ def _json_default(value):
 # --- timing ---
 
 
-def interleaved_medians(contenders: dict, rounds: int) -> dict:
-  """{name: fn()} -> {name: median seconds}; every fn is warmed up once, then rounds interleave."""
+def interleaved_times(contenders: dict, rounds: int) -> dict:
+  """{name: fn()} -> {name: [seconds per round]}; each fn runs once first (compile, warm-up),
+  then the rounds interleave the contenders."""
   for fn in contenders.values():
     fn()
   times = {name: [] for name in contenders}
@@ -89,4 +90,10 @@ def interleaved_medians(contenders: dict, rounds: int) -> dict:
       start = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - start)
-  return {name: float(np.median(ts)) for name, ts in times.items()}
+  return times
+
+
+def interleaved_medians(contenders: dict, rounds: int) -> dict:
+  """{name: fn()} -> {name: median seconds} of `interleaved_times`."""
+  return {name: float(np.median(ts))
+          for name, ts in interleaved_times(contenders, rounds).items()}

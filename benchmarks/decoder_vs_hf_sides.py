@@ -11,9 +11,9 @@ import dataclasses
 import os
 import shutil
 import tempfile
-import time
-
 import numpy as np
+
+import bench_io
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,18 +194,8 @@ def agreement(hf_model, jax_model, s: Shapes, prefill, decode) -> dict:
 
 # --- timing ---
 
+interleaved_times = bench_io.interleaved_times   # shared with the other benchmarks
 
-def interleaved_times(contenders: dict, rounds: int) -> dict:
-  """{name: fn()} -> {name: [seconds per round]}; each fn runs once first (compile, warm-up)."""
-  for fn in contenders.values():
-    fn()
-  times = {name: [] for name in contenders}
-  for _ in range(rounds):
-    for name, fn in contenders.items():
-      start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
-  return times
 
 
 def time_prefill(sides: dict, prefill, rounds: int) -> dict:
