@@ -112,15 +112,8 @@ def greedy_generate(params: dict, cfg: DecoderConfig, input_ids: jax.Array,
     if replicator is None:
       hidden, cache, _ = stack.decode(params, cfg, ids, pos, mask, cache, moe_fn=moe_fn)
       return hidden, cache, stats
-    oracle = (None if oracle_loads is None else
-              {s: loads[stats.passes].astype(jnp.float32) for s, loads in oracle_loads.items()})
-    runner = replicator.runner(stack.moe_layers(params, cfg), stats.state, learned, oracle)
-    hidden, cache, _ = stack.decode(params, cfg, ids, pos, mask, cache, moe_fn=runner.moe_fn)
-    layers = jax.tree.map(lambda kept, new: kept.at[stats.passes].set(new), stats.layers,
-                          runner.summaries())
-    return hidden, cache, GenerationStats(state=runner.next_state(),
-                                          replica_rows=stats.replica_rows + runner.replica_rows(),
-                                          passes=stats.passes + 1, layers=layers)
+    return _replicated_pass(params, cfg, ids, pos, mask, cache, stats, replicator=replicator,
+                            learned=learned, oracle_loads=oracle_loads)
 
   def cached_step(state):
     step, tokens, done, stats, cache, hidden = state
@@ -137,11 +130,8 @@ def greedy_generate(params: dict, cfg: DecoderConfig, input_ids: jax.Array,
     return step + 1, tokens, done, stats
 
   step0, done0 = jnp.zeros((), jnp.int32), jnp.zeros((batch,), bool)
-  stats = None
-  if replicator is not None:
-    zero, layers = jnp.zeros((), jnp.int32), stack.moe_layers(params, cfg)
-    stats = GenerationStats(state=replicator.init_state(layers), replica_rows=zero, passes=zero,
-                            layers=replicator.empty_summaries(layers, max_new_tokens + use_cache))
+  stats = (None if replicator is None else
+           _initial_stats(params, cfg, replicator, passes=max_new_tokens + use_cache))
   if not use_cache:
     out = jax.lax.while_loop(keep_going, uncached_step, (step0, tokens, done0, stats))
   else:
@@ -150,3 +140,26 @@ def greedy_generate(params: dict, cfg: DecoderConfig, input_ids: jax.Array,
     state = (step0, tokens, done0, stats, cache, hidden[:, -1:])
     out = jax.lax.while_loop(keep_going, cached_step, state)
   return out[1] if replicator is None else (out[1], out[3])
+
+
+def _initial_stats(params: dict, cfg: DecoderConfig, replicator: replication.Replicator, *,
+                   passes: int) -> GenerationStats:
+  """Fresh `GenerationStats` with room for `passes` passes' layer summaries."""
+  zero, layers = jnp.zeros((), jnp.int32), stack.moe_layers(params, cfg)
+  return GenerationStats(state=replicator.init_state(layers), replica_rows=zero, passes=zero,
+                         layers=replicator.empty_summaries(layers, passes))
+
+
+def _replicated_pass(params, cfg, ids, pos, mask, cache, stats: GenerationStats, *, replicator,
+                     learned, oracle_loads):
+  """One decoder pass through a fresh `StackRunner` from `stats.state`: (hidden, cache, stats
+  with this pass's summaries at index `stats.passes`)."""
+  oracle = (None if oracle_loads is None else
+            {s: loads[stats.passes].astype(jnp.float32) for s, loads in oracle_loads.items()})
+  runner = replicator.runner(stack.moe_layers(params, cfg), stats.state, learned, oracle)
+  hidden, cache, _ = stack.decode(params, cfg, ids, pos, mask, cache, moe_fn=runner.moe_fn)
+  layers = jax.tree.map(lambda kept, new: kept.at[stats.passes].set(new), stats.layers,
+                        runner.summaries())
+  return hidden, cache, GenerationStats(state=runner.next_state(),
+                                        replica_rows=stats.replica_rows + runner.replica_rows(),
+                                        passes=stats.passes + 1, layers=layers)
