@@ -3,7 +3,8 @@
   (a) part_grouped_matmul: the grouped expert FFN vs one dense FFN of equal FLOPs;
   (b) part_model: a switch-base-128-shaped model in transformers and in moe_jax, agreement and
       encoder tokens/s;
-  (c) part_replication: predictor + placement + prefetch time vs one MoE layer's.
+  (c) part_replication: predictor + placement + prefetch time vs one MoE layer's; and
+      `ragged_backward`: jax.grad through the ragged exchanges vs the padded ones (skipped on CPU).
 
 Each takes the run's shapes (gpu_check.FULL or SMOKE) and a `log` callable and returns its result
 dict; gpu_check.py guards them.
@@ -234,6 +235,7 @@ def part_replication(shapes, dtype, backend, log):
   result["overhead_ms"] = overhead
   result["fraction_of_layer"] = overhead / result["layer_ms"]
   result["replicas_placed"] = int(np.sum(np.asarray(columns) >= 0))
+  result["ragged_backward"] = ragged_backward(cfg, mesh, columns, backend, log)
   log(f"(c) T={tokens} E={e} expert axis {expert_axis}: predictor {result['predictor_ms']:.2f} ms"
       f" + placement {result['placement_ms']:.2f} ms + prefetch {result['prefetch_ms']:.2f} ms = "
       f"{overhead:.2f} ms vs layer {result['layer_ms']:.2f} ms -> "
@@ -241,3 +243,44 @@ def part_replication(shapes, dtype, backend, log):
   return result
 
 
+def ragged_backward(cfg, mesh, columns, backend, log):
+  """(c) also: jax.grad through the ragged exchanges (dispatch, combine, replica prefetch; their
+  custom VJP is the reverse ragged all-to-all) vs through the padded ones, float32, small batch.
+
+  XLA:CPU cannot compile `lax.ragged_all_to_all`: skipped there (the CPU tests check the same
+  VJP through the "emulated_ragged" exchange).
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import moe_jax  # pylint: disable=import-outside-toplevel
+  if jax.default_backend() == "cpu":
+    return {"skipped": "XLA:CPU cannot compile lax.ragged_all_to_all"}
+  cfg = cfg.replace(dtype="float32")
+  keys = jax.random.split(jax.random.key(2), 3)
+  params = moe_jax.init_moe_params(keys[0], cfg)
+  x = jax.random.normal(keys[1], (8, 32, cfg.d_model))
+  ct = jax.random.normal(keys[2], x.shape)
+
+  def grad_fn(mode):
+    execution = moe_jax.ExecutionConfig(gmm_backend=backend or "auto", all_to_all=mode)
+
+    def loss(params, x):
+      replicas = moe_jax.prefetch(params, columns, cfg, mesh=mesh, execution=execution)
+      y, stats = moe_jax.moe_apply(params, x, cfg, execution=execution, mesh=mesh,
+                                   replicas=replicas)
+      return jnp.sum(y * ct) + 0.1 * stats.routing.aux_loss
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+  result = {}
+  grads = {}
+  for mode in ("ragged", "padded"):
+    start = time.perf_counter()
+    grads[mode] = jax.block_until_ready(grad_fn(mode)(params, x))
+    result[f"{mode}_compile_and_run_s"] = time.perf_counter() - start
+  errors = [float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
+            for a, b in zip(jax.tree.leaves(grads["ragged"]), jax.tree.leaves(grads["padded"]))]
+  result["max_rel_err"] = max(errors)
+  result["ok"] = result["max_rel_err"] <= 1e-5
+  log(f"(c) ragged backward: grads (params, x) vs the padded exchange: max rel err "
+      f"{result['max_rel_err']:.1e} ({'ok' if result['ok'] else 'MISMATCH'})")
+  return result

@@ -5,10 +5,11 @@
   python launch/train_predictor.py --config=configs/qwen3_moe_small.py
 
 Records (layer-l input, layer-l' router probabilities) on the training split of the pydoc text,
-trains one small map per consecutive MoE-layer pair with AdamW, and saves it with orbax to
---out_dir (default: config.predictor_checkpoint). Prints the metadata stored with it, then per
-layer pair the held-out top-1 hit rate, recall@k of the router's top-k and load L1 error of
-pregate and of the learned map.
+trains one small map per consecutive MoE-layer pair with AdamW (per token: "learned"), then its
+load head on per-window load shares ("learned_load"), and saves both with orbax to --out_dir
+(default: config.predictor_checkpoint). Prints the metadata stored with it, then per layer pair
+the held-out top-1 hit rate, recall@k of the router's top-k, load L1 error and mean load L1 error
+per window of pregate, the learned map and the load head.
 """
 
 import _setup
@@ -19,7 +20,7 @@ import json  # noqa: E402
 
 from absl import flags  # noqa: E402
 
-from moe_jax.app import config as config_lib, workflows  # noqa: E402
+from moe_jax.app import config as config_lib, predictor_training, workflows  # noqa: E402
 
 _CONFIG = _setup.define_config("configs/switch_tiny.py")
 flags.DEFINE_string("out_dir", "", "where to save (default: config.predictor_checkpoint)")
@@ -36,10 +37,10 @@ def main(argv):
   summary = workflows.train_predictor(job, out_dir, force=flags.FLAGS.force)
   print(json.dumps(summary))
   print(f"held out ({summary['held_out_tokens']} tokens): pair, then hit / recall@k / load L1 "
-        "error of pregate | learned")
+        f"error / mean L1 error per {predictor_training.LOAD_GROUP_TOKENS} tokens of pregate | "
+        "learned | learned_load")
   for pair, by_kind in summary["held_out"].items():
-    scores = [f"{kind} {m['hit']:.3f} / {m['recall']:.3f} / {m['l1']:.3f}"
-              for kind, m in by_kind.items()]
+    scores = [f"{kind} {predictor_training.format_scores(m)}" for kind, m in by_kind.items()]
     print(f"  {pair}: " + " | ".join(scores))
 
 

@@ -8,13 +8,22 @@
 * `prefetch_replicas`: fill each device's replica slots with exactly the expert weights its row of
   the replica columns names. Its only inputs are the columns and the home weights, so when they
   are known a layer early XLA is free to run it concurrently with that layer.
+
+All of them are differentiable. The padded path is plain autodiff (the transpose of an all_to_all
+is an all_to_all; gathers transpose to scatter-adds, so a home expert copied into several replica
+slots gets the sum of their gradients). The ragged paths have a `custom_vjp`, the reverse ragged
+exchange (`_exchange_bwd`), which also sums rows that were sent more than once (JAX's own
+transpose of `ragged_all_to_all` writes such rows once each, keeping only one of the sums' terms).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from moe_jax import gmm_vjp
 from moe_jax import permute
 
 EXPERT_AXIS = "expert"
@@ -35,15 +44,92 @@ def in_order(first, then, *, enabled: bool):
   return jax.lax.optimization_barrier((first, then))
 
 
+def vary_in_order(weights, x, *, enabled: bool):
+  """(weights cast to vary over every mesh axis x varies over, x), for the layer's weights.
+
+  Expert weights are invariant over 'data' inside the layer; their gradient is summed over
+  'data' once, by the transpose of this cast. With `enabled` (XLA:CPU), barriers on both sides of
+  the cast order that sum in the backward after every use of x has been differentiated and
+  before x's cotangent leaves (see `in_order`): one collective in flight at a time.
+  """
+  weights, x = in_order(weights, x, enabled=enabled)
+  return in_order(gmm_vjp.vary_like(weights, x), x, enabled=enabled)
+
+
 def ragged_exchange(operand: jax.Array, output: jax.Array, params: permute.RaggedParams, *,
-                    mode: str, axis_name: str = EXPERT_AXIS) -> jax.Array:
-  """`lax.ragged_all_to_all` ("ragged") or its all_gather emulation ("emulated_ragged")."""
+                    mode: str, axis_name: str = EXPERT_AXIS, send_rows: int | None = None
+                    ) -> jax.Array:
+  """`lax.ragged_all_to_all` ("ragged") or its all_gather emulation ("emulated_ragged").
+
+  Differentiable (a `custom_vjp`, `_exchange_bwd`): the cotangent goes back by the reverse ragged
+  exchange, sizes and offsets swapped. `send_rows` bounds the rows this device sends in all
+  (sum of `params.send_sizes`): by default the operand's rows, right when no operand row is
+  sent twice; an exchange that sends one row to several places (the replica prefetch) passes
+  its own bound.
+  """
+  if mode not in ("ragged", "emulated_ragged"):
+    raise ValueError(f"unknown ragged exchange mode {mode!r}")
+  send_rows = operand.shape[0] if send_rows is None else send_rows
+  # Both vary over the same mesh axes, so each cotangent matches its primal's type.
+  operand, output = gmm_vjp.vary_like(operand, output), gmm_vjp.vary_like(output, operand)
+  return _exchange(operand, output, params, mode, axis_name, send_rows)
+
+
+def _exchange_primitive(operand, output, params, mode, axis_name):
   args = (params.input_offsets, params.send_sizes, params.output_offsets, params.recv_sizes)
   if mode == "ragged":
     return jax.lax.ragged_all_to_all(operand, output, *args, axis_name=axis_name)
-  if mode == "emulated_ragged":
-    return _emulated_ragged_all_to_all(operand, output, *args, axis_name=axis_name)
-  raise ValueError(f"unknown ragged exchange mode {mode!r}")
+  return _emulated_ragged_all_to_all(operand, output, *args, axis_name=axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _exchange(operand, output, params, mode, axis_name, send_rows):
+  del send_rows
+  return _exchange_primitive(operand, output, params, mode, axis_name)
+
+
+def _exchange_fwd(operand, output, params, mode, axis_name, send_rows):
+  result = _exchange(operand, output, params, mode, axis_name, send_rows)
+  return result, (operand, params)
+
+
+def _exchange_bwd(mode, axis_name, send_rows, residuals, d_result):
+  """The reverse exchange: every row a peer wrote into my output goes back to where it came from.
+
+  A row of the operand may have been sent several times (to several peers or offsets), and a
+  ragged all-to-all overwrites, so the reverse lands in a staging buffer with one region per
+  entry (<f>[send_rows, ...], entry n at exclusive_cumsum(send_sizes)[n]) and is then added into
+  the operand's rows. The offsets peers used are exchanged first (one small all_to_all of ints).
+  """
+  operand, params = residuals
+  stage_offsets = jnp.cumsum(params.send_sizes) - params.send_sizes             # [K]
+  peers = jax.lax.all_to_all(
+      jnp.stack([params.output_offsets, params.send_sizes, stage_offsets]), axis_name, 1, 1,
+      tiled=True)                                       # [3, K]: peer j's entries aimed at me
+  reverse = permute.RaggedParams(input_offsets=peers[0], send_sizes=peers[1],
+                                 output_offsets=peers[2], recv_sizes=params.send_sizes)
+  staging = jnp.zeros((send_rows,) + operand.shape[1:], d_result.dtype)
+  staging = _exchange_primitive(d_result, staging, reverse, mode, axis_name)
+  row = jnp.arange(send_rows)
+  entry = jnp.clip(jnp.searchsorted(jnp.cumsum(params.send_sizes), row, side="right"), 0,
+                   stage_offsets.shape[0] - 1)
+  source = params.input_offsets[entry] + row - stage_offsets[entry]
+  source = jnp.where(row < jnp.sum(params.send_sizes), source, operand.shape[0])
+  d_operand = jnp.zeros_like(operand).at[source].add(staging.astype(operand.dtype), mode="drop")
+  written = _covered_rows(reverse.input_offsets, reverse.send_sizes, d_result.shape[0])
+  d_output = jnp.where(written.reshape((-1,) + (1,) * (d_result.ndim - 1)), 0, d_result)
+  return d_operand, d_output, None
+
+
+_exchange.defvjp(_exchange_fwd, _exchange_bwd)
+
+
+def _covered_rows(offsets, sizes, num_rows):
+  """<bool>[num_rows]: rows inside some [offsets[n], offsets[n] + sizes[n])."""
+  edges = jnp.zeros((num_rows + 1,), jnp.int32)
+  edges = edges.at[jnp.where(sizes > 0, offsets, num_rows + 1)].add(1, mode="drop")
+  edges = edges.at[jnp.where(sizes > 0, offsets + sizes, num_rows + 1)].add(-1, mode="drop")
+  return jnp.cumsum(edges)[:num_rows] > 0
 
 
 def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
@@ -169,7 +255,7 @@ def prefetch_replicas(home_weights: dict, columns: jax.Array, *, mode: str) -> d
   if mode != "padded":
     params = prefetch_params(columns, num_home, index)
     return {name: ragged_exchange(w, jnp.zeros((num_replicas,) + w.shape[1:], w.dtype), params,
-                                  mode=mode)
+                                  mode=mode, send_rows=params.send_sizes.shape[0])
             for name, w in home_weights.items()}
   # Padded fallback: one fixed cell per (peer, replica column); only cells this device is the
   # home of are filled, the rest travel as zeros. Moves D x the needed bytes; CPU only.

@@ -2,8 +2,13 @@
 
 * "ragged_dot": `jax.lax.ragged_dot`, the right primitive on GPU/TPU (`experts.ragged_dot_at`).
 * "windowed": the CPU path (`experts_cpu.windowed_ffn`): XLA:CPU lowers `ragged_dot` to about one
-  dense matmul per group, so it walks row windows of one group each instead.
-* "dense": every group's FFN over every row, masked: the slow, obvious reference (differentiable).
+  dense matmul per group, so it walks row windows of one group each instead; its reverse-mode
+  derivative is a `custom_vjp` walking the same windows (`gmm_vjp`).
+* "dense": every group's FFN over every row, masked: the slow, obvious reference.
+
+Every backend is differentiable (`jax.grad`), with a grouped backward except "dense": "ragged_dot"
+through JAX's own transpose rules of `ragged_dot` (dX by a ragged_dot with W^T, dW by a ragged
+contraction over the same group sizes).
 
 All backends return zeros for rows past `sum(group_sizes)`.
 """
@@ -15,6 +20,7 @@ import jax.numpy as jnp
 
 from moe_jax import experts
 from moe_jax import experts_cpu
+from moe_jax import gmm_vjp
 
 
 def _ragged_dot(x, group_sizes, weight_segments, activation, **unused):
@@ -30,7 +36,7 @@ def _dense(x, group_sizes, weight_segments, activation, **unused):
 
 BACKENDS = {
     "ragged_dot": _ragged_dot,
-    "windowed": experts_cpu.windowed_ffn,
+    "windowed": gmm_vjp.windowed_ffn,
     "dense": _dense,
 }
 
@@ -69,6 +75,7 @@ def grouped_ffn(x: jax.Array, group_sizes: jax.Array, weights, *, activation: st
     raise ValueError(f"unknown grouped-matmul backend {backend!r}; use 'auto' or one of "
                      f"{sorted(BACKENDS)}.")
   weight_segments = [weights] if isinstance(weights, dict) else list(weights)
+  weight_segments = gmm_vjp.vary_like(weight_segments, x)   # one gradient reduction per weight
   y = BACKENDS[backend](x, group_sizes.astype(jnp.int32), weight_segments, activation,
                         window=window, tail_window=tail_window, bulk=bulk)
   return y.astype(x.dtype)   # every backend leaves rows past sum(group_sizes) zero

@@ -35,6 +35,7 @@ def layer_body(x, expert_ids, combine_weights, dispatch_mask, home, replicas, sl
     (y <f>[T, d], computed choices per local slot <int32>[1, 1, S], dropped choices <int32>[]).
   """
   weights = [home, replicas] if replicas else [home]     # slot order: h home, then r replicas
+  weights, x = collectives.vary_in_order(weights, x, enabled=ordered)   # one gradient sum
   num_devices, slots_per_device = slot_table.shape
   source_index = jax.lax.axis_index("data") * num_devices + jax.lax.axis_index("expert")
   num_tokens = x.shape[0]

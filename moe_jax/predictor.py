@@ -9,6 +9,16 @@ Kinds:
   history  exponential moving average of past batches' true loads (what EPLB does);
   pregate  layer l' router applied to layer l's normalised hidden state (no training);
   learned  a small linear or low-rank map trained to predict l' routing from l's hidden state;
+  learned_load  l' per-expert load predicted directly: top_k * sum over tokens of a softmax
+           head (`learned_load`) trained on per-window load shares, not per-token labels;
+  seed     the source paper's predictor: an LSTM over the stack's token embeddings predicts every
+           MoE layer's experts before the first MoE layer runs (`moe_jax.seed_predictor`);
+  hybrid   seed's estimate for each stack's first MoE layer (no earlier layer can predict it),
+           learned_load's for the others;
+  eplb     DeepSeek's expert-parallel load balancer: frozen per-expert counts of a calibration
+           set (refreshed every N batches) packed by `moe_jax.eplb`, not by the greedy placement;
+  reactive no prediction: layer l's own router output places layer l's replicas, and their fetch
+           sits on the critical path (what reactive systems do); exact, but it waits;
   oracle   l' true routing: an upper bound for benchmarks only, never for serving.
 
 A prediction only decides where expert copies live; the real router still routes every token.
@@ -45,6 +55,9 @@ class LayerInputs:
     top_k: experts per token (static).
     moe_cfg: layer l' `MoEConfig` (static) when its routing rule is not plain softmax top-k:
       predicted logits then select experts by that rule (`routing.ROUTERS`), bias included.
+    seed_load: <f32>[E] the seed predictor's load of layer l' (from the stack's embeddings).
+    seed_top1: <int32>[T] the seed predictor's per-token top-1 for layer l' (-1: masked).
+    calibration: <f32>[E] layer l' frozen calibration counts (eplb).
   """
 
   x: jax.Array
@@ -53,6 +66,9 @@ class LayerInputs:
   learned: dict | None = None
   oracle: jax.Array | None = None
   next_bias: jax.Array | None = None
+  seed_load: jax.Array | None = None
+  seed_top1: jax.Array | None = None
+  calibration: jax.Array | None = None
   top_k: int = struct.field(pytree_node=False, default=1)
   moe_cfg: Any = struct.field(pytree_node=False, default=None)
 
@@ -66,14 +82,23 @@ class Predictor:
 
   Attributes:
     name: the kind's name (`ReplicationConfig.predictor`).
-    source: "history" (past batches' true loads), "hidden_state" (layer l's input, per token:
-      the simulator replays recorded predictions) or "truth" (this batch's true loads).
-    estimate: LayerInputs -> Estimate.
+    source: what it reads: "history" (past batches' true loads), "hidden_state" (layer l's
+      input, per token: the simulator replays recorded predictions), "embedding" (the stack's
+      token embeddings, before its first MoE layer), "calibration" (frozen counts of a
+      calibration set), "in_layer" (layer l' own router output: placed when layer l' runs, the
+      fetch on its critical path) or "truth" (this batch's true loads).
+    estimate: LayerInputs -> Estimate. For "in_layer" kinds the runner calls it with layer l'
+      own input and router.
+    placer: "greedy" (`placement.place`) or "eplb" (`moe_jax.eplb`).
+    first: the kind whose estimate places each stack's first MoE layer, which no earlier layer
+      can predict ("": the history, or nothing, as `ReplicationConfig.first_layer` says).
   """
 
   name: str
   source: str
   estimate: Callable[[LayerInputs], Estimate]
+  placer: str = "greedy"
+  first: str = ""
 
 
 def _no_top1(inputs: LayerInputs) -> jax.Array:
@@ -94,10 +119,28 @@ PREDICTORS = {p.name: p for p in (
               lambda i: _from_logits(pregate_logits(i.x, i.next_router), i)),
     Predictor("learned", "hidden_state",
               lambda i: _from_logits(learned_logits(i.learned, i.x), i)),
+    Predictor("learned_load", "hidden_state",
+              lambda i: (learned_load(i.learned, i.x, i.top_k), _no_top1(i))),
+    Predictor("seed", "embedding", lambda i: (i.seed_load.astype(jnp.float32), i.seed_top1)),
+    Predictor("hybrid", "hidden_state", lambda i: (
+        0.5 * (learned_load(i.learned, i.x, i.top_k) + i.seed_load.astype(jnp.float32)),
+        i.seed_top1), first="seed"),
+    Predictor("eplb", "calibration", lambda i: (i.calibration.astype(jnp.float32), _no_top1(i)),
+              placer="eplb"),
+    Predictor("reactive", "in_layer",
+              lambda i: _from_logits(pregate_logits(i.x, i.next_router), i)),
     Predictor("oracle", "truth", lambda i: (i.oracle.astype(jnp.float32), _no_top1(i))),
 )}
 REPLICATING = tuple(PREDICTORS)              # the kinds that place replicas, in a fixed order
 KINDS = ("none",) + REPLICATING
+# Kinds whose placement can be issued before the layer runs, so one compiled program can select
+# among them by a traced index (the benchmark's "dynamic" program); "in_layer" kinds cannot.
+AHEAD = tuple(k for k, p in PREDICTORS.items() if p.source != "in_layer")
+# Kinds that read the learned predictor's params (`LayerInputs.learned`; StackRunner(learned=)).
+LEARNED_KINDS = ("learned", "learned_load", "hybrid")
+# Kinds that read the seed predictor's predictions (StackRunner(seed=)), for some layer.
+SEED_KINDS = tuple(k for k, p in PREDICTORS.items() if "embedding" in (p.source, p.first and
+                                                                        PREDICTORS[p.first].source))
 
 
 def check_kind(kind: str) -> str:
@@ -165,6 +208,38 @@ def learned_logits(params: dict, x: jax.Array) -> jax.Array:
   if "w" in params:
     return x @ params["w"] + params["b"]
   return (x @ params["u"]) @ params["v"] + params["b"]
+
+
+def load_head_logits(params: dict, x: jax.Array) -> jax.Array:
+  """<f32>[T, E] the load head's logits on layer l's normalised input x <f>[T, d].
+
+  `params` is one layer pair's learned params; its load head is `params["load"]` ({"w": [d, E],
+  "b": [E]}). Params without one (checkpoints from before it, or the zero params of a program
+  that never selects learned_load) use the per-token map's logits: its soft expected counts.
+  """
+  if "load" not in params:
+    return learned_logits(params, x)
+  head = params["load"]
+  return jnp.dot(x.astype(jnp.float32), head["w"], precision=jax.lax.Precision.HIGHEST) + head["b"]
+
+
+def learned_load(params: dict, x: jax.Array, top_k: int) -> jax.Array:
+  """<f32>[E] layer l' expected load: top_k * sum over tokens of softmax(load head logits).
+
+  Each token with a finite row of logits adds top_k spread over the experts, so the estimate
+  sums to top_k * (tokens with a finite row); tokens with a non-finite row count nowhere (the
+  router sends them to no expert).
+  """
+  logits = load_head_logits(params, x)                                      # [T, E]
+  finite = jnp.all(jnp.isfinite(logits), axis=-1, keepdims=True)            # [T, 1]
+  probs = jax.nn.softmax(jnp.where(finite, logits, 0.0), axis=-1)
+  return top_k * jnp.sum(jnp.where(finite, probs, 0.0), axis=0)
+
+
+def init_load_head(pair: dict) -> dict:
+  """A load head starting from a layer pair's per-token map (its dense [d, E] map and bias)."""
+  w = pair["w"] if "w" in pair else pair["u"] @ pair["v"]
+  return {"w": jnp.asarray(w, jnp.float32), "b": jnp.asarray(pair["b"], jnp.float32)}
 
 
 # --- history -------------------------------------------------------------------------------------

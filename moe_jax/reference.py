@@ -69,11 +69,15 @@ def capacity_keep(expert_ids, dispatch_mask, groups, *, capacity: int, copies) -
   return keep
 
 
-def optimal_placement(load, num_devices: int, num_replica_slots: int):
+def optimal_placement(load, num_devices: int, num_replica_slots: int,
+                      devices_per_node: int | None = None):
   """Exhaustive search for the slot table minimising the max expected device load.
 
-  Each expert's load is split evenly over its copies (what the permutation does). Exponential:
-  only for tiny cases (a few devices and experts), to measure how far greedy placement is.
+  Each expert's load is split evenly over its copies (what the permutation does). Every device
+  chooses any set of at most r experts it does not home; all combinations are scored (in numpy
+  chunks). Exponential: only for tiny cases (a few devices and experts), to measure how far a
+  placement is from the best. `devices_per_node` G restricts a device's replicas to experts homed
+  on its node (devices n*G .. n*G + G - 1): the space hierarchical EPLB searches.
 
   Returns:
     (best max device load, <int32>[D, h + r] table).
@@ -82,26 +86,73 @@ def optimal_placement(load, num_devices: int, num_replica_slots: int):
   load = np.asarray(load, np.float64)
   num_experts = load.shape[0]
   h = num_experts // num_devices
-  options = []
+  per_node = devices_per_node or num_devices
+  options = []                                     # per device: <f64>[choices, E] membership
   for dev in range(num_devices):
-    others = [e for e in range(num_experts) if e // h != dev]
-    dev_options = []
-    for n in range(num_replica_slots + 1):
-      dev_options += list(itertools.combinations(others, n))
-    options.append(dev_options)
-  best, best_choice = np.inf, None
-  for choice in itertools.product(*options):
-    copies = np.ones(num_experts)
-    for extra in choice:
-      copies[list(extra)] += 1
-    per_copy = load / copies
-    dev_load = per_copy.reshape(num_devices, h).sum(1)
-    for dev, extra in enumerate(choice):
-      dev_load[dev] += per_copy[list(extra)].sum()
-    if dev_load.max() < best - 1e-12:
-      best, best_choice = dev_load.max(), choice
+    others = [e for e in range(num_experts)
+              if e // h != dev and e // (h * per_node) == dev // per_node]
+    sets = [c for n in range(num_replica_slots + 1) for c in itertools.combinations(others, n)]
+    options.append(np.array([np.isin(np.arange(num_experts), c) for c in sets], np.float64))
+  home = (np.arange(num_devices)[:, None] == np.arange(num_experts)[None, :] // h).astype(float)
+  grid = np.stack(np.meshgrid(*[np.arange(len(o)) for o in options], indexing="ij"), -1)
+  grid = grid.reshape(-1, num_devices)                                      # [N, D]
+  best, best_row = np.inf, None
+  for start in range(0, grid.shape[0], 65536):
+    rows = grid[start:start + 65536]
+    extra = np.stack([options[d][rows[:, d]] for d in range(num_devices)], 1)  # [n, D, E]
+    per_copy = load / (1.0 + extra.sum(1))                                   # [n, E]
+    dev_load = (home[None] + extra) @ per_copy[:, :, None]                   # [n, D, 1]
+    peak = dev_load[..., 0].max(1)
+    if peak.min() < best - 1e-12:
+      best, best_row = float(peak.min()), rows[int(np.argmin(peak))]
   table = -np.ones((num_devices, h + num_replica_slots), np.int32)
   table[:, :h] = np.arange(num_experts).reshape(num_devices, h)
-  for dev, extra in enumerate(best_choice):
+  for dev, choice in enumerate(best_row):
+    extra = np.flatnonzero(options[dev][choice])
     table[dev, h:h + len(extra)] = extra
-  return float(best), table
+  return best, table
+
+
+def eplb_columns(load, num_devices: int, num_replica_slots: int,
+                 devices_per_node: int | None = None) -> np.ndarray:
+  """`moe_jax.eplb.eplb_columns` as plain loops (f32 arithmetic, the same tie-breaks).
+
+  Returns:
+    <int32>[D, r] replica columns (-1 empty).
+  """
+  load = np.asarray(load, np.float32)
+  load = np.where(np.isfinite(load) & (load > 0), load, np.float32(0))
+  num_experts, r = load.shape[0], num_replica_slots
+  per_node = devices_per_node or num_devices
+  h, m = num_experts // num_devices, num_experts // (num_devices // per_node)
+  columns = -np.ones((num_devices, r), np.int32)
+  for node in range(num_devices // per_node):
+    experts = range(node * m, (node + 1) * m)
+    devices = range(node * per_node, (node + 1) * per_node)
+    copies = {e: 1 for e in experts}
+    for _ in range(per_node * r):                           # 1. replication
+      eligible = [e for e in experts if copies[e] < per_node and load[e] > 0]
+      if eligible:
+        best = max(eligible, key=lambda e: (load[e] / np.float32(copies[e]), -e))
+        copies[best] += 1
+    per_copy = {e: load[e] / np.float32(copies[e]) for e in experts}
+    dev_load = {d: np.float32(sum(per_copy[e] for e in range(d * h, d * h + h))) for d in devices}
+    held = {d: set(range(d * h, d * h + h)) for d in devices}
+    filled = {d: 0 for d in devices}
+    for e in sorted(experts, key=lambda e: (-per_copy[e], e)):  # 2. packing, heaviest first
+      for _ in range(copies[e] - 1):
+        free = [d for d in devices if filled[d] < r and e not in held[d]]
+        if not free:
+          continue
+        d = min(free, key=lambda d: (dev_load[d], d))
+        columns[d, filled[d]] = e
+        held[d].add(e)
+        filled[d] += 1
+        dev_load[d] = np.float32(dev_load[d] + per_copy[e])
+    table = np.concatenate([np.arange(num_experts).reshape(num_devices, h), columns], axis=1)
+    actual = np.bincount(table[table >= 0], minlength=num_experts)
+    placed = [sum(load[e] / actual[e] for e in table[d] if e >= 0) for d in devices]
+    home = [sum(load[d * h:d * h + h]) for d in devices]
+    if max(placed) > max(home) * (1 + 1e-6):                 # 3. never worse than homes only
+      columns[list(devices)] = -1
+  return columns

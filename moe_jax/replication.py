@@ -29,52 +29,12 @@ from moe_jax import replicas as replicas_lib
 from moe_jax import routing as routing_lib
 from moe_jax.config import ExecutionConfig, MoEConfig
 from moe_jax.layer_records import LayerRecord, LayerSummary  # noqa: F401  (re-exported)
+from moe_jax.replication_state import (  # noqa: F401  (re-exported)
+    ReplicationConfig, ReplicationState, advance_calibration, calibrate, init_state,
+    with_resident_replicas)
 
 
-@dataclasses.dataclass(frozen=True)
-class ReplicationConfig:
-  """How replicas are placed.
-
-  Attributes:
-    predictor: "none" or a kind of `predictor.PREDICTORS` ("history", "pregate", "learned",
-      "oracle": benchmarks only); or "dynamic": the kind is a traced argument
-      (`StackRunner(policy=...)`, an index into `DYNAMIC_KINDS`), so one compiled program serves
-      every replicating predictor.
-    num_replica_slots: r, spare slots per device on the `expert` axis that can hold replicas of
-      hot experts (0 = no replication).
-    first_layer: placement of each stack's first MoE layer: "history" or "none".
-    history_decay: EMA decay of the per-layer load history.
-    resident: keep each layer's replicas between batches (in `ReplicationState`) and fetch only
-      the slots whose expert changed (`replicas.refresh`), instead of every slot every batch.
-    stickiness: with `resident`, keep the held table unless a new one lowers the expected max
-      device load by more than this fraction (`placement.place`): trades balance for traffic.
-  """
-
-  predictor: str = "none"
-  num_replica_slots: int = 2
-  first_layer: str = "history"
-  history_decay: float = 0.8
-  resident: bool = False
-  stickiness: float = 0.0
-
-  def __post_init__(self):
-    if self.predictor != "dynamic":
-      predictor_lib.check_kind(self.predictor)
-    if (not isinstance(self.num_replica_slots, int) or isinstance(self.num_replica_slots, bool)
-        or self.num_replica_slots < 0):
-      raise ValueError(f"num_replica_slots={self.num_replica_slots!r} must be an int >= 0.")
-    if self.first_layer not in ("history", "none"):
-      raise ValueError(f"first_layer={self.first_layer!r}: use 'history' or 'none'.")
-    if not 0.0 <= self.history_decay < 1.0:
-      raise ValueError(f"history_decay={self.history_decay} must be in [0, 1).")
-    if not 0.0 <= self.stickiness < 1.0:
-      raise ValueError(f"stickiness={self.stickiness} must be in [0, 1).")
-    if self.stickiness > 0 and not self.resident:
-      raise ValueError("stickiness > 0 keeps the previous batch's table, which only resident "
-                       "replicas remember: set resident=True as well.")
-
-
-DYNAMIC_KINDS = predictor_lib.REPLICATING
+DYNAMIC_KINDS = predictor_lib.AHEAD
 
 
 def policy_index(kind: str) -> int:
@@ -82,45 +42,6 @@ def policy_index(kind: str) -> int:
   if kind not in DYNAMIC_KINDS:
     raise ValueError(f"dynamic mode selects one of {DYNAMIC_KINDS}, got {kind!r}.")
   return DYNAMIC_KINDS.index(kind)
-
-
-@struct.dataclass
-class ReplicationState:
-  """What carries over between batches.
-
-  Attributes:
-    history: stack -> <f32>[num MoE layers, E] load EMA.
-    replicas: resident replicas only: stack -> per MoE layer the held `replicas.Replicas` (None
-      until the first batch, or `with_resident_replicas`).
-  """
-
-  history: dict
-  replicas: dict | None = None
-
-  @property
-  def tables(self) -> dict | None:
-    """Resident replicas only: stack -> <int32>[num MoE layers, De, h + r] the held slot tables."""
-    if self.replicas is None:
-      return None
-    return {stack: jnp.stack([r.slot_table for r in held]) for stack, held in self.replicas.items()}
-
-
-def init_state(layer_counts: dict, num_experts: int) -> ReplicationState:
-  return ReplicationState(history={stack: jnp.zeros((n, num_experts), jnp.float32)
-                                   for stack, n in layer_counts.items()})
-
-
-def with_resident_replicas(state: ReplicationState, layers: dict, moe_cfg: MoEConfig,
-                           num_replica_slots: int, mesh) -> ReplicationState:
-  """`state` holding r empty replica slots for every MoE layer of `layers` (stack -> params).
-
-  Optional for `ReplicationConfig(resident=True)`: without it the first batch starts from empty
-  slots all the same, but the state's structure changes after it (one more compilation).
-  """
-  del moe_cfg  # the layers' params say E
-  return state.replace(
-      replicas={s: [replicas_lib.empty_replicas(q, num_replica_slots, mesh=mesh) for q in p]
-                for s, p in layers.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,11 +63,19 @@ class Replicator:
   def __post_init__(self):
     if self.config.predictor == "dynamic":
       raise ValueError("predictor='dynamic' selects the kind per call, which a Replicator does "
-                       "not; use 'history', 'pregate', 'learned' or (benchmarks) 'oracle'.")
+                       "not; use one kind, e.g. 'history', 'pregate' or 'learned'.")
+    if self.config.predictor in predictor_lib.SEED_KINDS:
+      raise ValueError(f"predictor={self.config.predictor!r} reads each pass's token embeddings "
+                       "through "
+                       "StackRunner(seed=...), which a Replicator's passes (generation) do not "
+                       "feed; use StackRunner directly, or another kind.")
 
-  def init_state(self, layers: dict) -> ReplicationState:
-    """A fresh state for `layers` (stack -> MoE params), with resident slots when configured."""
+  def init_state(self, layers: dict, calibration: dict | None = None) -> ReplicationState:
+    """A fresh state for `layers` (stack -> MoE params), with resident slots when configured
+    and `calibration` (stack -> <f>[n, E] counts) for eplb."""
     state = init_state({s: len(p) for s, p in layers.items()}, self.moe_cfg.num_experts)
+    if calibration is not None:
+      state = calibrate(state, calibration)
     if self.config.resident and self.config.predictor != "none":
       state = with_resident_replicas(state, layers, self.moe_cfg, self.config.num_replica_slots,
                                      self.mesh)
@@ -185,28 +114,23 @@ class StackRunner:
     state: `ReplicationState` from the previous batch (`init_state` at the start).
     learned: stack -> list of learned predictor params, entry j predicting layer j + 1.
     oracle_loads: stack -> <f32>[n, E] true loads of this batch (benchmarks only).
+    seed: stack -> `moe_jax.seed_predictor.SeedPrediction` of this batch (predictor="seed"):
+      every MoE layer's predicted experts, from the stack's token embeddings.
     policy: in "dynamic" mode, a traced int32 index into `DYNAMIC_KINDS` (see `policy_index`);
-      needs both `learned` and `oracle_loads`.
+      needs `learned` and `oracle_loads` (and `seed` if it may select "seed").
     execution: how the layers run (`ExecutionConfig`; default: dropless).
   """
 
   def __init__(self, config: ReplicationConfig, moe_cfg: MoEConfig, mesh, layers: dict,
                state: ReplicationState, *, learned: dict | None = None,
-               oracle_loads: dict | None = None, policy: jax.Array | None = None,
-               execution: ExecutionConfig | None = None):
-    if config.predictor == "dynamic" and (policy is None or learned is None
-                                          or oracle_loads is None):
-      raise ValueError("predictor='dynamic' needs policy=, learned= and oracle_loads=.")
-    if config.predictor == "learned" and learned is None:
-      raise ValueError("predictor='learned' needs learned predictor params: train them with "
-                       "launch/train_predictor.py and pass them as learned=...")
-    if config.predictor == "oracle" and oracle_loads is None:
-      raise ValueError("predictor='oracle' needs this batch's true loads (oracle_loads=...), "
-                       "e.g. from a first pass with predictor='none'.")
+               oracle_loads: dict | None = None, seed: dict | None = None,
+               policy: jax.Array | None = None, execution: ExecutionConfig | None = None):
+    _check_extras(config.predictor, learned, oracle_loads, seed, policy)
     self.config, self.moe_cfg, self.mesh = config, moe_cfg, mesh
     self.execution = execution if execution is not None else ExecutionConfig()
     self.layers, self.state = layers, state
     self.learned, self.oracle_loads, self.policy = learned, oracle_loads, policy
+    self.seed = seed
     if config.resident and state.replicas is None and self.replicating:
       self.state = with_resident_replicas(state, layers, moe_cfg, config.num_replica_slots, mesh)
     self._pending: dict = {}
@@ -217,14 +141,23 @@ class StackRunner:
   def replicating(self) -> bool:
     return self.config.predictor != "none" and self.config.num_replica_slots > 0
 
+  @property
+  def _in_layer(self) -> bool:
+    kind = self.config.predictor
+    return kind in predictor_lib.PREDICTORS and predictor_lib.PREDICTORS[kind].source == "in_layer"
+
   def moe_fn(self, stack: str, index: int, ff_params: dict, x: jax.Array,
              routing: routing_lib.Routing | None = None):
     """Runs MoE layer `index` of `stack` on x <f>[B, L, d]; returns (y, MoEStats)."""
-    if index == 0:
+    if self._in_layer or not self.config.exact:
+      routing = self._layer_routing(stack, index, ff_params, x, routing)
+    if self._in_layer:   # reactive: this layer's own routing places its replicas, here
+      current = self._reactive(stack, index, routing, x)
+    elif index == 0:
       current = self._first_placement(stack, x)
     else:
       current = self._pending.pop((stack, index))
-    if index + 1 < len(self.layers[stack]):
+    if not self._in_layer and index + 1 < len(self.layers[stack]):
       self._pending[(stack, index + 1)] = self._plan(stack, index + 1, x)
     if mesh_lib.is_cpu(self.mesh):  # the layer's collectives after the placements'
       current, x = self._after_placements(stack, index, current, x)
@@ -237,6 +170,16 @@ class StackRunner:
                                             fetched_bytes=current.fetched, stats=stats))
     self._held[stack].append(current.replicas)
     return y, stats
+
+  def _layer_routing(self, stack, index, ff_params, x, routing):
+    """The routing layer `index` runs with: the router's (given or computed here, as moe_apply
+    would), or in the approximate mode the seed predictor's experts in its place."""
+    if routing is None:
+      routing = routing_lib.route(x.reshape(-1, x.shape[-1]).astype(self.moe_cfg.jnp_dtype),
+                                  ff_params, self.moe_cfg)
+    if self.config.exact:
+      return routing
+    return routing_lib.with_experts(routing, self.seed[stack].ids[index], self.moe_cfg)
 
   def _after_placements(self, stack, index, current, x):
     """x made to wait for this layer's and the next layer's placement + prefetch."""
@@ -264,8 +207,9 @@ class StackRunner:
                jnp.zeros((), jnp.int32))
 
   def next_state(self) -> ReplicationState:
-    """The history updated with this pass's true loads (and, if resident, the held replicas)."""
-    history = dict(self.state.history)
+    """The history updated with this pass's true loads, the EPLB calibration window advanced
+    (and, if resident, the held replicas)."""
+    history, true_loads = dict(self.state.history), {}
     for stack, records in self._records.items():
       if not records:
         continue
@@ -274,64 +218,131 @@ class StackRunner:
       new = jax.vmap(predictor_lib.history_update, in_axes=(0, 0, None))(
           old, true, self.config.history_decay)
       history[stack] = history[stack].at[:len(records)].set(new)
+      true_loads[stack] = jnp.zeros_like(history[stack]).at[:len(records)].set(true)
+    state = advance_calibration(self.state.replace(history=history), true_loads,
+                                self.config.eplb_refresh)
     if not (self.config.resident and self.replicating):
-      return self.state.replace(history=history)
+      return state
     replicas = {stack: list(held) for stack, held in self.state.replicas.items()}
     for stack, held in self._held.items():
       for index, entry in enumerate(held):
         if entry is not None:
           replicas[stack][index] = entry
-    return self.state.replace(history=history, replicas=replicas)
+    return state.replace(replicas=replicas)
 
   # --- placement -------------------------------------------------------------------------------
 
   def _first_placement(self, stack, x):
-    """Layer 0 has no predecessor: the history (or, for the oracle, its true load)."""
+    """Layer 0 has no predecessor: kinds that read something other than an earlier layer (seed,
+    eplb, oracle) use it; one-layer-ahead kinds use the history (`first_layer`)."""
     kind = self.config.predictor
-    if not self.replicating or (self.config.first_layer == "none" and kind != "oracle"):
+    if not self.replicating:
       return _no_placement(self.moe_cfg, x)
-    history = lambda: (self.state.history[stack][0], _no_top1(x))
-    oracle = lambda: (self.oracle_loads[stack][0], _no_top1(x))
     if kind == "dynamic":
-      is_oracle = (self.policy == DYNAMIC_KINDS.index("oracle")).astype(jnp.int32)
-      load, top1 = _select(is_oracle, [history(), oracle()])
-    else:
-      load, top1 = oracle() if kind == "oracle" else history()
-    return self._placement(stack, 0, load, top1)
+      estimates = [self._first_estimate(k, stack, x) for k in DYNAMIC_KINDS]
+      load, top1 = _select(self.policy, estimates)
+      return self._placement(stack, 0, load, top1, self._placer())
+    predictor = predictor_lib.PREDICTORS[kind]
+    if (self.config.first_layer == "none" and not predictor.first
+        and predictor.source in ("history", "hidden_state")):
+      return _no_placement(self.moe_cfg, x)
+    load, top1 = self._first_estimate(kind, stack, x)
+    return self._placement(stack, 0, load, top1, predictor.placer)
+
+  def _first_estimate(self, kind, stack, x):
+    kind = predictor_lib.PREDICTORS[kind].first or kind
+    source = predictor_lib.PREDICTORS[kind].source
+    if source == "truth":
+      return self.oracle_loads[stack][0], _no_top1(x)
+    if source == "embedding":
+      return self._seed_estimate(stack, 0, x)
+    if source == "calibration":
+      return self.state.calibration[stack][0], _no_top1(x)
+    history = self.state.history[stack][0]
+    if self.config.first_layer == "none":
+      history = jnp.zeros_like(history)
+    return history, _no_top1(x)
+
+  def _seed_estimate(self, stack, index, x):
+    if self.seed is None:   # dynamic mode without seed predictions: never selected (see policy)
+      return jnp.zeros((self.moe_cfg.num_experts,), jnp.float32), _no_top1(x)
+    prediction = self.seed[stack]
+    return prediction.load[index].astype(jnp.float32), prediction.top1[index]
 
   def _plan(self, stack, index, x):
     """Placement + prefetch for layer `index` from the previous layer's input x."""
     if not self.replicating:
       return _no_placement(self.moe_cfg, x)
     next_layer = self.layers[stack][index]
+    seed_load, seed_top1 = self._seed_estimate(stack, index, x)
     inputs = predictor_lib.LayerInputs(
         x=x.reshape(-1, x.shape[-1]), next_router=next_layer["router"],
         history=self.state.history[stack][index],
         learned=None if self.learned is None else self.learned[stack][index - 1],
         oracle=None if self.oracle_loads is None else self.oracle_loads[stack][index],
-        next_bias=next_layer.get("router_bias"), top_k=self.moe_cfg.top_k,
+        next_bias=next_layer.get("router_bias"), seed_load=seed_load, seed_top1=seed_top1,
+        calibration=self.state.calibration[stack][index], top_k=self.moe_cfg.top_k,
         moe_cfg=self.moe_cfg)
     if self.config.predictor == "dynamic":
       load, top1 = _select(self.policy, [predictor_lib.PREDICTORS[k].estimate(inputs)
                                          for k in DYNAMIC_KINDS])
-    else:
-      load, top1 = predictor_lib.PREDICTORS[self.config.predictor].estimate(inputs)
-    return self._placement(stack, index, load, top1)
+      return self._placement(stack, index, load, top1, self._placer())
+    kind = predictor_lib.PREDICTORS[self.config.predictor]
+    load, top1 = kind.estimate(inputs)
+    return self._placement(stack, index, load, top1, kind.placer)
 
-  def _placement(self, stack, index, load, top1):
+  def _reactive(self, stack, index, routing, x):
+    """Placement + fetch of layer `index` from its own router's counts (no prediction)."""
+    if not self.replicating:
+      return _no_placement(self.moe_cfg, x)
+    load = routing.tokens_per_expert.astype(jnp.float32)
+    return self._placement(stack, index, load, _no_top1(x), "greedy")
+
+  def _placer(self):
+    """Dynamic mode: a traced bool, True where the selected kind places with EPLB."""
+    eplb = [k for k in DYNAMIC_KINDS if predictor_lib.PREDICTORS[k].placer == "eplb"]
+    return jnp.isin(self.policy, jnp.asarray([DYNAMIC_KINDS.index(k) for k in eplb], jnp.int32))
+
+  def _columns(self, stack, index, load, placer):
+    """<int32>[De, r] replica columns for `load` by the greedy placement or EPLB (`placer`: a
+    name, or in dynamic mode a traced bool selecting EPLB)."""
+    from moe_jax import eplb as eplb_lib  # pylint: disable=import-outside-toplevel
+    cfg, mesh, r = self.moe_cfg, self.mesh, self.config.num_replica_slots
+    held = self.state.replicas[stack][index] if self.config.resident else None
+    greedy = lambda: replicas_lib.place(load, cfg, num_replica_slots=r, mesh=mesh, previous=held,
+                                        stickiness=self.config.stickiness)
+    packed = lambda: eplb_lib.place(load, cfg, num_replica_slots=r, mesh=mesh,
+                                    devices_per_node=self.config.devices_per_node)
+    if isinstance(placer, str):
+      return packed() if placer == "eplb" else greedy()
+    return jnp.where(placer, packed(), greedy())
+
+  def _placement(self, stack, index, load, top1, placer):
     params, cfg, mesh = self.layers[stack][index], self.moe_cfg, self.mesh
-    r = self.config.num_replica_slots
+    columns = self._columns(stack, index, load, placer)
     if not self.config.resident:
-      columns = replicas_lib.place(load, cfg, num_replica_slots=r, mesh=mesh)
       replicas = replicas_lib.prefetch(params, columns, cfg, mesh=mesh, execution=self.execution)
       fetched = replicas_lib.replica_bytes(columns, params) * mesh_lib.axis_sizes(mesh)[0]
     else:
       held = self.state.replicas[stack][index]
-      columns = replicas_lib.place(load, cfg, num_replica_slots=r, mesh=mesh, previous=held,
-                                   stickiness=self.config.stickiness)
       replicas, fetched = replicas_lib.refresh(params, columns, held, cfg, mesh=mesh,
                                                execution=self.execution)
     return _Placement(load=load, top1=top1, replicas=replicas, fetched=fetched)
+
+
+def _check_extras(kind, learned, oracle_loads, seed, policy):
+  """ValueError naming what a predictor kind needs and was not given."""
+  if kind == "dynamic" and (policy is None or learned is None or oracle_loads is None):
+    raise ValueError("predictor='dynamic' needs policy=, learned= and oracle_loads=.")
+  if kind in predictor_lib.LEARNED_KINDS and learned is None:
+    raise ValueError(f"predictor={kind!r} needs learned predictor params: train them with "
+                     "launch/train_predictor.py and pass them as learned=...")
+  if kind == "oracle" and oracle_loads is None:
+    raise ValueError("predictor='oracle' needs this batch's true loads (oracle_loads=...), "
+                     "e.g. from a first pass with predictor='none'.")
+  if kind in predictor_lib.SEED_KINDS and seed is None:
+    raise ValueError(f"predictor={kind!r} needs this batch's seed predictions (seed=...: "
+                     "moe_jax.seed_predictor.predict on the stacks' token embeddings).")
 
 
 def _select(index, candidates):

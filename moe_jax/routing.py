@@ -150,6 +150,24 @@ def route(x: jax.Array, params: dict, cfg, *, token_mask: jax.Array | None = Non
   return _routing(x, logits, weights, expert_ids, scores, token_mask)
 
 
+def with_experts(routing: Routing, expert_ids: jax.Array, cfg) -> Routing:
+  """APPROXIMATE: `routing` with its choice replaced by `expert_ids` <int>[T, k] (e.g. a
+  predictor's), as the source paper's approximate mode does. Each replacing choice is weighted
+  by the rule's score of that expert (`routing.probs`), renormalised over the k iff
+  `cfg.renormalize`, times `cfg.routed_scaling`; the dispatch mask (padding, non-finite tokens,
+  a router-stage capacity rule) and the losses stay the router's. The layer then no longer
+  computes the model's function: only for measuring what that costs.
+  """
+  expert_ids = jnp.asarray(expert_ids, jnp.int32).reshape(routing.expert_ids.shape)
+  weights = jnp.take_along_axis(routing.probs, expert_ids, axis=-1)
+  if cfg.renormalize:
+    weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+  weights = weights * cfg.routed_scaling
+  counts = expert_counts(expert_ids, routing.dispatch_mask, routing.num_experts)
+  return routing.replace(expert_ids=expert_ids, combine_weights=weights,
+                         tokens_per_expert=counts)
+
+
 def router_logits(x: jax.Array, router_kernel: jax.Array) -> jax.Array:
   """<f32>[T, E] = x <float>[T, d] @ router_kernel <float>[d, E], in float32."""
   return jnp.dot(x.astype(jnp.float32), router_kernel.astype(jnp.float32),

@@ -1,6 +1,7 @@
 """The package's layering: the core never reaches up into families, apps, benchmarks or launch.
 
   core         moe_jax/*.py (the layer, replicas, replication, predictors, collectives, ...)
+  nn           moe_jax/nn: Flax modules over the core; the core never imports them
   sim          moe_jax/sim: traces -> costs; no model, no benchmark harness
   checkpoints  moe_jax/checkpoints: generic IO; a family's key table is passed in, never imported
 
@@ -24,12 +25,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "moe_jax"
 
 CORE = ("moe_jax", "moe_jax.config", "moe_jax.routing", "moe_jax.placement", "moe_jax.permute",
-        "moe_jax.experts", "moe_jax.experts_cpu", "moe_jax.grouped_matmul", "moe_jax.collectives",
+        "moe_jax.experts", "moe_jax.experts_cpu", "moe_jax.gmm_vjp", "moe_jax.grouped_matmul",
+        "moe_jax.collectives",
         "moe_jax.layer_body", "moe_jax.moe_layer", "moe_jax.replicas", "moe_jax.moe_fn",
-        "moe_jax.predictor", "moe_jax.replication", "moe_jax.layer_records", "moe_jax.metrics", "moe_jax.mesh",
-        "moe_jax.reference", "moe_jax.distributed", "moe_jax.host_memory")
+        "moe_jax.predictor", "moe_jax.seed_predictor", "moe_jax.replication",
+        "moe_jax.replication_state", "moe_jax.layer_records", "moe_jax.metrics", "moe_jax.mesh",
+        "moe_jax.reference", "moe_jax.distributed", "moe_jax.host_memory", "moe_jax.eplb",
+        "moe_jax.expert_counts")
 CORE_FORBIDDEN = ("moe_jax.models", "moe_jax.app", "moe_jax.bench", "moe_jax.checkpoints",
-                  "launch")
+                  "moe_jax.nn", "launch")
+NN_FORBIDDEN = ("moe_jax.models", "moe_jax.app", "moe_jax.bench", "moe_jax.checkpoints", "launch")
 SIM_FORBIDDEN = ("moe_jax.models", "moe_jax.bench")
 CHECKPOINTS_FORBIDDEN = ("moe_jax.models",)
 
@@ -40,6 +45,7 @@ CASES = {
     "sim": (("moe_jax.sim.*",), SIM_FORBIDDEN, sorted((PACKAGE / "sim").glob("*.py"))),
     "checkpoints": (("moe_jax.checkpoints.*",), CHECKPOINTS_FORBIDDEN,
                     sorted((PACKAGE / "checkpoints").glob("*.py"))),
+    "nn": (("moe_jax.nn.*",), NN_FORBIDDEN, sorted((PACKAGE / "nn").glob("*.py"))),
 }
 
 _PROBE = textwrap.dedent("""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import moe_jax
-from moe_jax import placement, predictor, replication
+from moe_jax import placement, predictor, replication, seed_predictor
 from moe_jax.models import moe_stack
 from tests import helpers
 
@@ -46,13 +46,35 @@ def _learned(cfg, params, reverse=False):
                                   next_router=routers[i + 1]) for i in range(LAYERS - 1)]
   if reverse:  # a deliberately wrong predictor: prefers the coldest experts
     pairs = [{"w": -p["w"], "b": p["b"]} for p in pairs]
-  return {moe_stack.STACK: pairs}
+  return {moe_stack.STACK: [dict(p, load=predictor.init_load_head(p)) for p in pairs]}
+
+
+def _seed(cfg, h, adversarial=False, key=3):
+  """A `SeedPrediction` of every layer: random experts, or (adversarial) every token on the
+  coldest expert (the routers prefer low ids)."""
+  tokens = h.shape[0] * h.shape[1]
+  ids = jax.random.randint(jax.random.key(key), (LAYERS, tokens, cfg.top_k), 0, cfg.num_experts)
+  if adversarial:
+    ids = (cfg.num_experts - 1 - jnp.arange(cfg.top_k))[None, None, :] + jnp.zeros_like(ids)
+  load = jax.vmap(lambda i: jnp.zeros(cfg.num_experts).at[i.reshape(-1)].add(1.0))(ids)
+  return {moe_stack.STACK: seed_predictor.SeedPrediction(ids=ids.astype(jnp.int32), load=load,
+                                                         top1=ids[:, :, 0].astype(jnp.int32))}
+
+
+def _calibrated(state, cfg, adversarial=False):
+  """`state` calibrated for eplb: skewed counts, or (adversarial) all on the coldest expert."""
+  counts = np.tile(np.linspace(8.0, 1.0, cfg.num_experts, dtype=np.float32), (LAYERS, 1))
+  if adversarial:
+    counts = np.zeros_like(counts)
+    counts[:, -1] = 100.0
+  return replication.calibrate(state, {moe_stack.STACK: counts})
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_every_predictor_gives_the_same_output(top_k):
-  """One dynamic program runs every predictor (test_dynamic_policy_matches_each_static_policy
-  holds it to the static ones), including deliberately wrong learned and oracle loads."""
+  """One dynamic program runs every ahead-of-layer kind (test_dynamic_policy_matches_each_static_
+  policy holds it to the static ones), including deliberately wrong learned, oracle, seed and
+  eplb inputs; reactive runs its own program."""
   cfg, params, h, mesh = _stack(top_k=top_k)
   state = replication.init_state({moe_stack.STACK: LAYERS}, cfg.num_experts)
   reference, none_records, state = _jit_run(cfg, mesh, _rcfg())(params, h, state, {})
@@ -60,16 +82,67 @@ def test_every_predictor_gives_the_same_output(top_k):
   oracle = {moe_stack.STACK: true.astype(jnp.float32)}
   reversed_oracle = {moe_stack.STACK: true.max() - oracle[moe_stack.STACK]}
   dynamic = _jit_run(cfg, mesh, _rcfg("dynamic"))
-  variants = [(kind, _learned(cfg, params), oracle) for kind in KINDS] + [
-      ("learned", _learned(cfg, params, reverse=True), oracle),
-      ("oracle", _learned(cfg, params), reversed_oracle)]
-  for kind, learned, loads in variants:
-    out, records, _ = dynamic(params, h, state, dict(
-        learned=learned, oracle_loads=loads, policy=jnp.int32(replication.policy_index(kind))))
-    assert helpers.rel_err(out, reference) <= 1e-6, kind
-    tables = [np.asarray(r.slot_table) for r in records[moe_stack.STACK]]
-    assert all(t.shape == (4, 2 + R) for t in tables), "h = 2 home + R replica slots"
-    assert any((t[:, 2:] >= 0).any() for t in tables), f"{kind} placed no replica at all"
+  good = lambda kind: (kind, _learned(cfg, params), oracle, _seed(cfg, h), _calibrated(state, cfg))
+  variants = [good(kind) for kind in KINDS] + [
+      ("learned", _learned(cfg, params, reverse=True), oracle, _seed(cfg, h), state),
+      ("learned_load", _learned(cfg, params, reverse=True), oracle, _seed(cfg, h), state),
+      ("oracle", _learned(cfg, params), reversed_oracle, _seed(cfg, h), state),
+      ("seed", _learned(cfg, params), oracle, _seed(cfg, h, adversarial=True), state),
+      ("eplb", _learned(cfg, params), oracle, _seed(cfg, h), _calibrated(state, cfg, True))]
+  for kind, learned, loads, seed, start in variants:
+    out, records, _ = dynamic(params, h, start, dict(
+        learned=learned, oracle_loads=loads, seed=seed,
+        policy=jnp.int32(replication.policy_index(kind))))
+    _check_exact(out, reference, records, kind)
+  out, records, _ = _jit_run(cfg, mesh, _rcfg("reactive"))(params, h, state, {})
+  _check_exact(out, reference, records, "reactive")
+  np.testing.assert_array_equal(np.stack([r.predicted_load for r in records[moe_stack.STACK]]),
+                                true, "reactive places from the layer's own true loads")
+
+
+def _check_exact(out, reference, records, kind):
+  assert helpers.rel_err(out, reference) <= 1e-6, kind
+  tables = [np.asarray(r.slot_table) for r in records[moe_stack.STACK]]
+  assert all(t.shape == (4, 2 + R) for t in tables), "h = 2 home + R replica slots"
+  assert any((t[:, 2:] >= 0).any() for t in tables), f"{kind} placed no replica at all"
+  rows = sum(int(np.sum(np.asarray(r.stats.tokens_per_slot)[..., 2:]))
+             for r in records[moe_stack.STACK])
+  assert rows > 0, f"{kind}: no token-choice ran in a replica slot"
+
+
+def test_approximate_mode_routes_by_the_seed_prediction():
+  """route_by='prediction' (the paper's approximate mode): every layer dispatches the predicted
+  experts, so the output is not the model's; it needs predictor='seed'."""
+  cfg, params, h, mesh = _stack(top_k=2)
+  state = replication.init_state({moe_stack.STACK: LAYERS}, cfg.num_experts)
+  reference, _, _ = _jit_run(cfg, mesh, _rcfg())(params, h, state, {})
+  seed = _seed(cfg, h)
+  out, records, _ = _jit_run(cfg, mesh, _rcfg("seed", route_by="prediction"))(
+      params, h, state, {"seed": seed})
+  assert helpers.rel_err(out, reference) > 1e-3
+  for layer, record in enumerate(records[moe_stack.STACK]):
+    np.testing.assert_array_equal(record.stats.tokens_per_expert,
+                                  seed[moe_stack.STACK].load[layer])
+    np.testing.assert_array_equal(record.stats.routing.expert_ids,
+                                  seed[moe_stack.STACK].ids[layer])
+  with pytest.raises(ValueError, match="needs predictor='seed'"):
+    _rcfg("pregate", route_by="prediction")
+
+
+def test_eplb_calibration_refreshes_every_n_batches():
+  cfg, params, h, mesh = _stack()
+  state = _calibrated(replication.init_state({moe_stack.STACK: LAYERS}, cfg.num_experts), cfg)
+  first = np.asarray(state.calibration[moe_stack.STACK])
+  run = _jit_run(cfg, mesh, _rcfg("eplb", eplb_refresh=2))
+  _, records, state1 = run(params, h, state, {})
+  true = np.stack([np.asarray(r.stats.tokens_per_expert) for r in records[moe_stack.STACK]])
+  np.testing.assert_array_equal(records[moe_stack.STACK][0].predicted_load, first[0])
+  np.testing.assert_array_equal(state1.calibration[moe_stack.STACK], first)     # 1 of 2 batches
+  _, _, state2 = run(params, h, state1, {})
+  np.testing.assert_array_equal(state2.calibration[moe_stack.STACK], 2 * true)  # refreshed
+  np.testing.assert_array_equal(state2.window[moe_stack.STACK], 0 * true)
+  with pytest.raises(ValueError, match="shape"):
+    replication.calibrate(state, {moe_stack.STACK: np.ones((LAYERS, 3))})
 
 
 def test_oracle_and_pregate_balance_better_than_none():
@@ -156,11 +229,16 @@ def test_dynamic_policy_matches_each_static_policy():
   oracle = {moe_stack.STACK: true.astype(jnp.float32)}
   learned = _learned(cfg, params)
   dynamic = _jit_run(cfg, mesh, _rcfg("dynamic"))
+  seed = _seed(cfg, h)
+  state = _calibrated(state, cfg)
   for kind in replication.DYNAMIC_KINDS:
-    kw = {"learned": learned, "oracle_loads": oracle}
+    kw = {"learned": learned, "oracle_loads": oracle, "seed": seed}
     policy = jnp.int32(replication.policy_index(kind))
     _, got, _ = dynamic(params, h, state, dict(kw, policy=policy))
-    static_kw = {"learned": {"learned": learned}, "oracle": {"oracle_loads": oracle}}.get(kind, {})
+    static_kw = {"learned": {"learned": learned}, "learned_load": {"learned": learned},
+                 "oracle": {"oracle_loads": oracle},
+                 "seed": {"seed": seed},
+                 "hybrid": {"learned": learned, "seed": seed}}.get(kind, {})
     _, want, _ = _jit_run(cfg, mesh, _rcfg(kind))(params, h, state, static_kw)
     for a, b in zip(got[moe_stack.STACK], want[moe_stack.STACK]):
       np.testing.assert_array_equal(a.slot_table, b.slot_table)

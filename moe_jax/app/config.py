@@ -56,8 +56,11 @@ class TrainConfig:
   vocab_size: int = 2048
   stride: int = 32
   log_every: int = 50
+  eval_every: int = 0          # score the held-out text every this many steps (0: every log)
   seed: int = 0
   out_dir: str = ""
+  gmm_backend: str = "auto"    # the MoE layers' grouped matmul in training (ExecutionConfig's)
+  replication: str = "none"    # "history" / "pregate": train with replicas (TRAIN_REPLICATION)
   predictor_steps: int = 1500
   predictor_rank: int = 0   # 0: full-rank learned predictor
   predictor_batches: int = 64
@@ -65,13 +68,31 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
+  """config.bench.
+
+  Attributes:
+    policies: the replication policies to run (`predictor.KINDS`, with "none").
+    capacity_modes: "dropless", "capacity" or both.
+    repeats: interleaved timing rounds.
+    warmup_batches: unscored batches first (they feed the history and calibrate eplb).
+    report_dir: where report.json, expert_counts.json and the plots go.
+    plots: write the PNG plots.
+    decode_steps: decoder-only families: greedy steps of the decode phase (0: none).
+    approximate: with "seed" among the policies, also run the source paper's approximate mode
+      (`route_by="prediction"`, not exact) and measure the quality it keeps.
+    eplb_counts: an expert-counts file (`moe_jax.expert_counts`) to calibrate eplb with; ""
+      calibrates it from the warm-up batches.
+  """
+
   policies: tuple = ("none", "history", "pregate", "learned", "oracle")
   capacity_modes: tuple = ("dropless", "capacity")
   repeats: int = 3
   warmup_batches: int = 2
   report_dir: str = "reports/bench"
   plots: bool = True
-  decode_steps: int = 16    # decoder-only families: greedy steps of the decode phase (0: none)
+  decode_steps: int = 16
+  approximate: bool = True
+  eplb_counts: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +105,7 @@ class Job:
     checkpoint: config.checkpoint as given ("builtin:NAME" or a path; "" if none).
     execution, replication: the MoE layers' `ExecutionConfig` and `ReplicationConfig`.
     predictor_checkpoint: the learned predictor's directory as given ("" if none).
+    seed_predictor_checkpoint: the seed predictor's directory as given ("" if none).
     mesh, data, train, bench: the other sub-trees.
     seed: config.seed.
     tree: the whole config as a plain dict (recorded in reports, never read below).
@@ -95,6 +117,7 @@ class Job:
   execution: ExecutionConfig
   replication: ReplicationConfig
   predictor_checkpoint: str
+  seed_predictor_checkpoint: str
   mesh: MeshConfig
   data: DataConfig
   train: TrainConfig
@@ -109,6 +132,10 @@ class Job:
   @property
   def predictor_path(self) -> str:
     return presets.resolve_checkpoint(self.predictor_checkpoint)
+
+  @property
+  def seed_predictor_path(self) -> str:
+    return presets.resolve_checkpoint(self.seed_predictor_checkpoint)
 
   @property
   def predictor_rank(self) -> int | None:
@@ -137,6 +164,7 @@ def from_tree(config) -> Job:
       execution=execution,
       replication=_typed("replication", ReplicationConfig, tree["replication"]),
       predictor_checkpoint=str(tree.get("predictor_checkpoint", "")),
+      seed_predictor_checkpoint=str(tree.get("seed_predictor_checkpoint", "")),
       mesh=_typed("mesh", MeshConfig, tree["mesh"]),
       data=_build("data", lambda: DataConfig(
           batch_size=int(data.pop("batch_size")), num_batches=int(data.pop("num_batches")),
@@ -176,7 +204,8 @@ def _bench(bench: dict, execution: ExecutionConfig) -> BenchConfig:
 
 def _train(train: dict) -> TrainConfig:
   """config.train, its counts and rates checked."""
-  minimums = dict(steps=1, batch_size=1, warmup=0, vocab_size=2, stride=1, log_every=1, seed=0,
+  minimums = dict(steps=1, batch_size=1, warmup=0, vocab_size=2, stride=1, log_every=1,
+                  eval_every=0, seed=0,
                   predictor_steps=1, predictor_rank=0, predictor_batches=1)
   for key, minimum in minimums.items():
     if key in train:
@@ -187,7 +216,19 @@ def _train(train: dict) -> TrainConfig:
         key == "learning_rate" and value == 0):
       raise UsageError(f"--config.train.{key}={value!r} must be a number "
                        f"{'> 0' if key == 'learning_rate' else '>= 0'}.")
+  if train.get("replication", "none") not in TRAIN_REPLICATION:
+    raise UsageError(f"--config.train.replication={train['replication']!r} is not one of "
+                     f"{', '.join(TRAIN_REPLICATION)}.")
+  try:
+    ExecutionConfig(gmm_backend=train.get("gmm_backend", TrainConfig.gmm_backend))
+  except ValueError as e:
+    raise UsageError(f"--config.train.gmm_backend: {e}") from None
   return _typed("train", TrainConfig, train)
+
+
+# Predictors a training run may place replicas by (the others need a trained predictor or the
+# batch's own loads).
+TRAIN_REPLICATION = ("none", "history", "pregate")
 
 
 def _check_int(flag: str, value, *, minimum: int) -> None:

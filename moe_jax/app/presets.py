@@ -11,8 +11,10 @@ switch_base_<E>, or a decoder-only model of `DECODERS` (family + its Config fiel
   config.execution     ExecutionConfig fields of the MoE layers (capacity_mode, capacity_factor,
                        gmm_backend, all_to_all, num_chunks)
   config.replication   ReplicationConfig fields (predictor, num_replica_slots, first_layer,
-                       history_decay, resident, stickiness)
+                       history_decay, resident, stickiness, route_by, eplb_refresh,
+                       devices_per_node)
   config.predictor_checkpoint  the learned predictor (orbax dir), "" if none
+  config.seed_predictor_checkpoint  the seed predictor (orbax dir), "" if none
   config.mesh          data / expert axis sizes (expert=-1: all devices / data); a mesh must use
                        every device unless allow_idle_devices=True
   config.cpu_devices   simulated CPU devices when the host has one (0: leave XLA alone)
@@ -20,7 +22,9 @@ switch_base_<E>, or a decoder-only model of `DECODERS` (family + its Config fiel
                        `text_windows` (Switch: encoder_len, decoder_len; decoder-only families:
                        length); max_input_tokens: the longest prompt launch/infer.py accepts
                        (memory grows with its square)
-  config.train         training knobs (launch/train.py, launch/train_predictor.py)
+  config.train         training knobs (launch/train.py, launch/train_predictor.py; gmm_backend:
+                       the MoE layers' grouped matmul in training; replication: none, history
+                       or pregate, replicas placed every train step)
   config.bench         benchmark knobs (launch/bench.py; decode_steps: greedy steps of the
                        decode phase of decoder-only families, 0: prefill only)
 """
@@ -178,8 +182,9 @@ def common(family: str, model: dict, *, window: dict, checkpoint: str = ""
       num_chunks=1))
   c.replication = ml_collections.ConfigDict(dict(
       predictor="pregate", num_replica_slots=2, first_layer="history", history_decay=0.8,
-      resident=False, stickiness=0.0))
+      resident=False, stickiness=0.0, eplb_refresh=4, devices_per_node=_overridable(None)))
   c.predictor_checkpoint = ""
+  c.seed_predictor_checkpoint = ""
   c.mesh = ml_collections.ConfigDict(dict(data=1, expert=-1, allow_idle_devices=False))
   c.cpu_devices = 8
   # max_input_tokens: launch/infer.py on the shipped model peaks at ~2 GB RSS at 4096 (README).
@@ -187,11 +192,13 @@ def common(family: str, model: dict, *, window: dict, checkpoint: str = ""
                                           max_input_tokens=4096))
   c.train = ml_collections.ConfigDict(dict(
       steps=1500, batch_size=16, learning_rate=3e-3, warmup=100, weight_decay=0.01,
-      vocab_size=2048, stride=32, log_every=50, seed=0, out_dir="",
-      predictor_steps=1500, predictor_rank=0, predictor_batches=64))
+      vocab_size=2048, stride=32, log_every=50, eval_every=0, seed=0, out_dir="",
+      gmm_backend="auto", replication="none", predictor_steps=1500, predictor_rank=0,
+      predictor_batches=64))
   c.bench = ml_collections.ConfigDict(dict(
-      policies="none,history,pregate,learned,oracle", capacity_modes="dropless,capacity",
-      repeats=3, warmup_batches=2, report_dir="reports/bench", plots=True, decode_steps=16))
+      policies="none,history,pregate,learned,seed,eplb,reactive,oracle",
+      capacity_modes="dropless,capacity", repeats=3, warmup_batches=2, report_dir="reports/bench",
+      plots=True, decode_steps=16, approximate=True, eplb_counts=""))
   c.seed = 0
   return c
 
@@ -210,6 +217,7 @@ def switch_tiny() -> ml_collections.ConfigDict:
   c = common("switch", dict(SWITCH_TINY), window=SWITCH_WINDOW,
              checkpoint=BUILTIN + "switch_tiny")
   c.predictor_checkpoint = BUILTIN + "switch_tiny/predictor"
+  c.seed_predictor_checkpoint = BUILTIN + "switch_tiny/seed_predictor"
   return c
 
 
@@ -227,6 +235,7 @@ def qwen3_moe_small() -> ml_collections.ConfigDict:
   the train settings that made it (launch/train.py)."""
   c = decoder(*DECODERS["qwen3_moe_small"], checkpoint=BUILTIN + "qwen3_moe_small")
   c.predictor_checkpoint = BUILTIN + "qwen3_moe_small/predictor"
+  c.seed_predictor_checkpoint = BUILTIN + "qwen3_moe_small/seed_predictor"
   c.train.update(dict(steps=1500, batch_size=8, learning_rate=3e-3, warmup=100))
   return c
 

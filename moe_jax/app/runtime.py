@@ -142,13 +142,21 @@ def _checkpoint_error(error: Exception, job: Job) -> UsageError:
 
 
 def load_learned_predictor(job: Job, layer_counts: dict, d_model: int, num_experts: int):
-  """The learned predictor of config.predictor_checkpoint, or None if unset/absent."""
+  """The learned predictor of config.predictor_checkpoint (per-token maps and load heads), or
+  None if unset/absent; a checkpoint of other shapes (another model, another rank, or one from
+  before load heads) is a UsageError naming the fix."""
   path = job.predictor_path
   if not job.predictor_checkpoint or not os.path.isdir(path):
     return None
   template = predictor_training.learned_template(layer_counts, d_model, num_experts,
                                                  rank=job.predictor_rank)
-  return predictor_training.restore_learned(path, template=template)
+  try:
+    return predictor_training.restore_learned(path, template=template)
+  except ValueError as e:
+    first, newline, rest = str(e).partition("\n")
+    raise UsageError(f"{first} (--config.predictor_checkpoint={job.predictor_checkpoint}, "
+                     f"--config.train.predictor_rank={job.train.predictor_rank}); retrain it with "
+                     f"python launch/train_predictor.py --force{newline}{rest}") from None
 
 
 def on_mesh(tree, mesh):

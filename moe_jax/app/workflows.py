@@ -19,7 +19,6 @@ from moe_jax import distributed, replication
 from moe_jax.app import data as data_lib
 from moe_jax.app import predictor_training, runtime, training
 from moe_jax.app.config import Job, UsageError
-from moe_jax.config import ExecutionConfig
 from moe_jax.moe_fn import DefaultMoE
 
 
@@ -60,15 +59,14 @@ def train_on_pydoc(job: Job, out_dir: str, *, force: bool = False) -> dict:
   eval_data = pydoc_windows(job, tokenizer, "held_out")
   logging.info("%d train windows, %d held-out windows (%s)", len(train_data["input_ids"]),
                len(eval_data["input_ids"]), dict(job.data.window))
-  # Training differentiates through the MoE layer: the dense backend (see app/training.py).
-  moe_fn = DefaultMoE(family.moe_config(model_cfg, jnp.float32),
-                      ExecutionConfig(gmm_backend="dense"))
+  mesh, moe_fn, replicator = training_setup(job)
   start = time.time()
   t = job.train
   params, history = training.train(
       family, model_cfg, train_data, moe_fn=moe_fn, steps=t.steps, batch_size=t.batch_size,
       learning_rate=t.learning_rate, warmup=t.warmup, weight_decay=t.weight_decay, seed=t.seed,
-      log_every=t.log_every, eval_data=eval_data)
+      log_every=t.log_every, eval_data=eval_data, eval_every=t.eval_every, mesh=mesh,
+      replicator=replicator)
   skew = load_skew(job, params, eval_data)
   summary = {
       "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
@@ -81,6 +79,24 @@ def train_on_pydoc(job: Job, out_dir: str, *, force: bool = False) -> dict:
   orbax_io.save_params(out_dir, params, config_json=model_cfg.to_hf_dict(), family=family.NAME,
                        key_map=family.hf_key_map(model_cfg), metadata=summary, force=True)
   return summary
+
+
+def training_setup(job: Job):
+  """(mesh, moe_fn, replicator or None) of a training run: config.mesh's mesh, the MoE layers
+  run with config.execution and --config.train.gmm_backend, and with
+  --config.train.replication=history|pregate a `Replicator` (config.replication's slots and
+  decay) whose state the train step carries."""
+  mesh = runtime.make_mesh(job.mesh)
+  moe_cfg = job.family.moe_config(job.model, jnp.float32)
+  runtime.check_experts_fit(moe_cfg.num_experts, mesh, job.mesh)
+  execution = job.execution.replace(gmm_backend=job.train.gmm_backend)
+  if job.train.replication == "none":
+    return mesh, DefaultMoE(moe_cfg, execution, mesh), None
+  rcfg = replication.ReplicationConfig(
+      predictor=job.train.replication, num_replica_slots=job.replication.num_replica_slots,
+      first_layer=job.replication.first_layer, history_decay=job.replication.history_decay)
+  return (mesh, DefaultMoE(moe_cfg, execution, mesh),
+          replication.Replicator(rcfg, moe_cfg, mesh, execution))
 
 
 class _LayerStats:
@@ -147,8 +163,9 @@ PREDICTOR_EVAL_BATCHES = 8   # held-out batches the trained predictor is scored 
 
 
 def train_predictor(job: Job, out_dir: str, *, force: bool = False) -> dict:
-  """Records traces on the train split, trains the learned predictor, scores it and pregate on
-  held-out traces (`predictor_training.evaluate`), saves it to `out_dir`; returns its metadata."""
+  """Records traces on the train split, trains the learned predictor (per-token map and load
+  head), scores them and pregate on held-out traces (`predictor_training.evaluate`), saves it to
+  `out_dir`; returns its metadata."""
   model, tokenizer = runtime.load_model(job)
   if tokenizer is None:
     raise UsageError(f"{job.checkpoint} has no spiece.model to tokenise pydoc text.")
@@ -157,19 +174,17 @@ def train_predictor(job: Job, out_dir: str, *, force: bool = False) -> dict:
                          num_batches=job.train.predictor_batches)
   routers = {stack: [ff["router"] for ff in layers]
              for stack, layers in job.family.moe_layers(model.params, model.config).items()}
+  top_k = job.family.moe_config(model.config, jnp.float32).top_k
   learned = predictor_training.train_learned(
       traces, routers, rank=job.predictor_rank, steps=job.train.predictor_steps,
-      batch_size=512, learning_rate=3e-3, seed=job.train.seed)
+      batch_size=512, learning_rate=3e-3, seed=job.train.seed, top_k=top_k)
   held_out = record_traces(job, model.config, model.params,
                            pydoc_windows(job, tokenizer, "held_out"),
                            num_batches=PREDICTOR_EVAL_BATCHES)
-  scores = predictor_training.evaluate(
-      held_out, learned, routers,
-      top_k=job.family.moe_config(model.config, jnp.float32).top_k)
+  scores = predictor_training.evaluate(held_out, learned, routers, top_k=top_k)
   for pair, by_kind in scores.items():
     logging.info("held-out %s: %s", pair, "  ".join(
-        f"{kind} hit {m['hit']:.3f} recall {m['recall']:.3f} L1 {m['l1']:.3f}"
-        for kind, m in by_kind.items()))
+        f"{kind} {predictor_training.format_scores(m)}" for kind, m in by_kind.items()))
   metadata = {"command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
               "checkpoint": job.checkpoint, "rank": job.predictor_rank,
               "tokens": int(next(iter(traces.values()))[0][0].shape[0]),

@@ -29,10 +29,16 @@ import numpy as np
 from absl import logging
 
 from moe_jax import distributed
+from moe_jax import predictor as predictor_lib
+
+# Generation feeds no token embeddings to its passes, so the kinds that read the seed predictor
+# (and its approximate mode) have no decode phase; every other kind runs through `model.generate(replication=...)`.
+POLICIES = ("none",) + tuple(k for k in predictor_lib.PREDICTORS
+                             if k not in predictor_lib.SEED_KINDS)
 
 
 def run_decode(setup, batches: list[dict], capacity_mode: str, policies: list[str], *,
-               steps: int, repeats: int) -> dict:
+               steps: int, repeats: int, calibration: dict | None = None) -> dict:
   """Decodes `steps` tokens after every batch's prompts under every policy in one capacity mode.
 
   Args:
@@ -41,6 +47,7 @@ def run_decode(setup, batches: list[dict], capacity_mode: str, policies: list[st
     capacity_mode, policies: as `harness.run_mode`; policies include "none".
     steps: N >= 2 new tokens per row.
     repeats: timing rounds (interleaved over policies).
+    calibration: eplb's calibration counts (stack -> [n, E]; the prefill phase's).
 
   Returns:
     policy -> {"summaries": [per batch: stack -> `LayerSummary` (numpy) of the decode steps,
@@ -50,7 +57,10 @@ def run_decode(setup, batches: list[dict], capacity_mode: str, policies: list[st
                "generate_seconds": [per repeat: seconds of the whole N-step generate calls],
                "timed_tokens": tokens the decode seconds generated, "steps": N}.
   """
-  generate = _Generator(setup, capacity_mode, steps)
+  unknown = [p for p in policies if p not in POLICIES]
+  if unknown:
+    raise ValueError(f"policies {unknown} have no decode phase (it runs {POLICIES}).")
+  generate = _Generator(setup, capacity_mode, steps, calibration)
   prompts = [np.asarray(distributed.gather(b["input_ids"]), np.int32) for b in batches]
   results = {p: {"summaries": [], "tokens": [], "same_tokens": 0.0, "seconds": [],
                  "generate_seconds": [], "timed_tokens": 0, "steps": steps} for p in policies}
@@ -108,21 +118,23 @@ def _timed(call) -> float:
 class _Generator:
   """`model.generate` of one capacity mode under a policy: (tokens <int32>[B, P + N], stats)."""
 
-  def __init__(self, setup, capacity_mode: str, steps: int):
+  def __init__(self, setup, capacity_mode: str, steps: int, calibration: dict | None):
     execution = setup.execution.replace(capacity_mode=capacity_mode)
     self.model = setup.family.Model(setup.model_cfg, setup.params, mesh=setup.mesh,
                                     execution=execution)
-    self.setup, self.steps = setup, steps
+    self.setup, self.steps, self.calibration = setup, steps, calibration
     vocab = setup.model_cfg.vocab_size
     self.no_eos = np.full((vocab,), -1, np.int32)     # no row ever stops
     self.all_eos = np.arange(vocab, dtype=np.int32)   # every row stops after its first step
 
   def __call__(self, policy: str, ids: np.ndarray, oracle: dict | None, *, stop: bool = False):
     extras = {}
-    if policy == "learned":
+    if policy in predictor_lib.LEARNED_KINDS:
       extras["learned"] = self.setup.learned
     if policy == "oracle":
       extras["oracle_loads"] = oracle
+    if policy == "eplb" and self.calibration is not None:
+      extras["calibration"] = self.calibration
     rcfg = dataclasses.replace(self.setup.replication_cfg, predictor=policy)
     return self.model.generate(ids, np.ones_like(ids), max_new_tokens=self.steps,
                                eos_token_id=self.all_eos if stop else self.no_eos,

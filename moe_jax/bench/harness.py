@@ -1,10 +1,10 @@
 """The main job: run a model over held-out text under every replication policy and capacity
 mode, and collect per-layer metrics.
 
-Per capacity mode, two compiled programs: `none` (no replica slots at all) and one "dynamic"
-program whose predictor kind is a traced argument, so history / pregate / learned / oracle share a
-compilation and differ only in where replicas go. `oracle` uses the true loads of the same batch
-from the `none` pass: an upper bound, never a serving policy.
+Per capacity mode, the programs of `moe_jax.bench.programs`: `none` (no replica slots at all),
+one "dynamic" program whose predictor kind is a traced argument (every kind placed ahead of its
+layer shares it), `reactive`, and the approximate mode through the family's loss. `oracle` uses
+the true loads of the same batch from the `none` pass: an upper bound, never a serving policy.
 
 The model is any family (`moe_jax.models`): the harness reads it only through the family's
 `moe_layers`, `forward_batch` and `batch_tokens`.
@@ -23,6 +23,7 @@ import numpy as np
 from absl import logging
 
 from moe_jax import distributed, replication
+from moe_jax.bench import programs
 from moe_jax.config import ExecutionConfig, MoEConfig
 
 
@@ -39,6 +40,7 @@ class BenchSetup:
   mesh: jax.sharding.Mesh
   layers: dict                       # stack -> MoE layer params in order (family.moe_layers)
   learned: dict | None               # stack -> learned predictor params, or None
+  seed: dict | None = None           # stack -> seed predictor params, or None
 
   @property
   def decodes(self) -> bool:
@@ -46,78 +48,105 @@ class BenchSetup:
     return getattr(self.family, "PADDING_SIDE", "") == "left"
 
 
-def _forward(setup: BenchSetup, execution: ExecutionConfig,
-             rcfg: replication.ReplicationConfig):
-  """jit(params, batch, state, extras) -> (logits, records, next state)."""
-  family, model_cfg, mesh, moe_cfg = setup.family, setup.model_cfg, setup.mesh, setup.moe_cfg
-
-  @jax.jit
-  def run(params, batch, state, extras):
-    layers = family.moe_layers(params, model_cfg)
-    runner = replication.StackRunner(rcfg, moe_cfg, mesh, layers, state, execution=execution,
-                                     **extras)
-    logits = family.forward_batch(params, model_cfg, batch, runner.moe_fn)
-    return logits, runner.records(), runner.next_state()
-
-  return run
-
-
 def run_mode(setup: BenchSetup, batches: list[dict], capacity_mode: str, policies: list[str], *,
-             repeats: int, warmup: list[dict] = ()) -> dict:
+             repeats: int, warmup: list[dict] = (), calibration: dict | None = None) -> dict:
   """Runs every policy over `batches` in one capacity mode.
 
   `warmup` batches run first, unscored, so the history EMA starts from past batches as it would
-  in a running server.
+  in a running server; their true loads (summed) calibrate `eplb` unless `calibration` (stack ->
+  <f>[n, E] counts, e.g. from `moe_jax.expert_counts.load`) is given. `programs.APPROX` among
+  the policies runs the approximate mode and measures its quality against the exact model.
 
   Returns:
-    policy -> {"records": [per batch: stack -> [LayerRecord as numpy]], "logits_rel_diff": float,
-               "seconds": [per repeat: seconds for all batches], "tokens": int}.
+    policy -> {"records": [per batch: stack -> [LayerRecord as numpy]], "logits_rel_diff": float
+               (NaN for the approximate mode), "seconds": [per repeat: seconds for all batches],
+               "tokens": int, "quality": [per batch: loss metrics] (none and the approximate
+               mode)}; "none" also has "calibration": the counts eplb was calibrated with.
   """
-  step = _Stepper(setup, setup.execution.replace(capacity_mode=capacity_mode))
-  results = {p: {"records": [], "logits_rel_diff": 0.0, "seconds": [], "tokens": 0}
-             for p in policies}
+  step = programs.Stepper(setup, setup.execution.replace(capacity_mode=capacity_mode), policies)
+  results = {p: {"records": [], "logits_rel_diff": 0.0, "seconds": [], "tokens": 0,
+                 "quality": []} for p in policies}
   states = {p: step.initial_state() for p in policies}
   logging.info("[%s] %d warm-up + %d scored batches x %d policies; the first batch compiles the "
-               "'none' program and the one program all replicating policies share",
+               "'none' program and the one program the ahead-of-layer policies share",
                capacity_mode, len(warmup), len(batches), len(policies))
-  for w, batch in enumerate(warmup):
-    start = time.perf_counter()
-    _, oracle, _ = step("none", batch, states["none"], None)
-    for policy in policies:
-      if policy != "none":
-        states[policy] = step(policy, batch, states[policy], oracle)[2]
-    jax.block_until_ready(states)
-    logging.info("[%s] warm-up batch %d/%d: %.1f s", capacity_mode, w + 1, len(warmup),
-                 time.perf_counter() - start)
+  warm_counts = _warm_up(step, states, warmup, policies, capacity_mode)
+  calibration = calibration if calibration is not None else warm_counts
+  results["none"]["calibration"] = calibration
+  if "eplb" in policies:
+    if calibration is None:
+      logging.warning("[%s] eplb has no calibration (no warm-up batches, no counts file): it "
+                      "places from zero counts until its first refresh", capacity_mode)
+    else:
+      states["eplb"] = step.calibrated(states["eplb"], calibration)
   oracles = []
   for b, batch in enumerate(batches):
     start = time.perf_counter()
-    logits, oracle, none_records = step("none", batch, states["none"], None)
+    logits, none_records, states["none"] = step("none", batch, states["none"], None)
+    oracle = step.true_loads(none_records)
     oracles.append(oracle)
     for policy in policies:
       if policy == "none":
         records = none_records
       else:
         out, records, states[policy] = step(policy, batch, states[policy], oracle)
-        diff = relative_max_diff(out, logits)
-        results[policy]["logits_rel_diff"] = max(results[policy]["logits_rel_diff"], diff)
+        _score(results[policy], step, policy, out, logits, batch, states["none"],
+               results["none"])
       results[policy]["records"].append(distributed.gather(records))
     logging.info("[%s] batch %d/%d: ran %d policies in %.1f s", capacity_mode, b + 1,
                  len(batches), len(policies), time.perf_counter() - start)
+  _time_rounds(step, states, batches, oracles, policies, results, repeats, capacity_mode)
   tokens = sum(setup.family.batch_tokens(b) for b in batches)
-  for r in range(repeats):                      # interleaved timing rounds
+  for policy in policies:
+    results[policy]["tokens"] = tokens
+  return results
+
+
+def _warm_up(step, states, warmup, policies, capacity_mode) -> dict | None:
+  """Runs the warm-up batches through every policy; returns their summed true loads."""
+  counts = None
+  for w, batch in enumerate(warmup):
+    start = time.perf_counter()
+    _, records, states["none"] = step("none", batch, states["none"], None)
+    oracle = step.true_loads(records)
+    counts = oracle if counts is None else jax.tree.map(jnp.add, counts, oracle)
+    for policy in policies:
+      if policy != "none":
+        states[policy] = step(policy, batch, states[policy], oracle)[2]
+    jax.block_until_ready(states)
+    logging.info("[%s] warm-up batch %d/%d: %.1f s", capacity_mode, w + 1, len(warmup),
+                 time.perf_counter() - start)
+  return None if counts is None else jax.tree.map(np.asarray, distributed.gather(counts))
+
+
+def _score(result, step, policy, out, logits, batch, none_state, none_result) -> None:
+  """Output difference vs none (exact policies) or quality vs the exact model (approx)."""
+  if policy == programs.APPROX:
+    result["logits_rel_diff"] = float("nan")
+    result["quality"].append(_floats(out))
+    none_result["quality"].append(_floats(step.quality(batch, none_state)))
+    return
+  diff = relative_max_diff(out, logits)
+  result["logits_rel_diff"] = max(result["logits_rel_diff"], diff)
+
+
+def _floats(metrics: dict) -> dict:
+  return {k: float(distributed.gather(v)) for k, v in metrics.items() if np.ndim(v) == 0}
+
+
+def _time_rounds(step, states, batches, oracles, policies, results, repeats, capacity_mode):
+  """Interleaved timing rounds: every policy over every batch, `repeats` times."""
+  for r in range(repeats):
     round_start = time.perf_counter()
     for policy in policies:
       state = states[policy]
       start = time.perf_counter()
       for batch, oracle in zip(batches, oracles):
-        out = step(policy, batch, state, oracle, timing=True)
+        out = step(policy, batch, state, oracle)
         jax.block_until_ready(out[0])
       results[policy]["seconds"].append(time.perf_counter() - start)
-      results[policy]["tokens"] = tokens
     logging.info("[%s] timing round %d/%d: %.1f s", capacity_mode, r + 1, repeats,
                  time.perf_counter() - round_start)
-  return results
 
 
 def relative_max_diff(out: jax.Array, reference: jax.Array) -> float:
@@ -128,42 +157,6 @@ def relative_max_diff(out: jax.Array, reference: jax.Array) -> float:
   """
   scale = float(jnp.max(jnp.abs(reference)))
   return float(jnp.max(jnp.abs(out - reference))) / max(scale, jnp.finfo(jnp.float32).tiny)
-
-
-class _Stepper:
-  """One forward under a policy: `none` (no replica slots) or the shared dynamic program."""
-
-  def __init__(self, setup: BenchSetup, execution: ExecutionConfig):
-    self.setup = setup
-    self.counts = {s: len(layers) for s, layers in setup.layers.items()}
-    moe_cfg = setup.moe_cfg
-    self.num_experts = moe_cfg.num_experts
-    self.none_fn = _forward(setup, execution, replication.ReplicationConfig(predictor="none"))
-    self.dynamic_fn = _forward(setup, execution, dataclasses.replace(setup.replication_cfg,
-                                                                     predictor="dynamic"))
-    self.learned = setup.learned
-    if self.learned is None:   # keeps the dynamic program's shapes; "learned" is never selected
-      self.learned = {s: [{"w": jnp.zeros((moe_cfg.d_model, moe_cfg.num_experts)),
-                           "b": jnp.zeros((moe_cfg.num_experts,))} for _ in range(n - 1)]
-                      for s, n in self.counts.items()}
-
-  def initial_state(self):
-    """Laid out on the mesh as the programs return it (so the next call hits the same program)."""
-    state = replication.init_state(self.counts, self.num_experts)
-    return distributed.from_host(jax.tree.map(np.asarray, state), self.setup.mesh)
-
-  def __call__(self, policy, batch, state, oracle, timing=False):
-    """none: (logits, true loads per stack, records); else (logits, records, next state)."""
-    if policy == "none":
-      logits, records, _ = self.none_fn(self.setup.params, batch, state, {})
-      if timing:
-        return (logits,)
-      true = {s: jnp.stack([r.stats.tokens_per_expert for r in records[s]]).astype(jnp.float32)
-              for s in self.counts}
-      return logits, true, records
-    extras = dict(learned=self.learned, oracle_loads=oracle,
-                  policy=jnp.int32(replication.policy_index(policy)))
-    return self.dynamic_fn(self.setup.params, batch, state, extras)
 
 
 def load_setup(job, mesh) -> tuple[BenchSetup, list[dict]]:
@@ -192,11 +185,27 @@ def load_setup(job, mesh) -> tuple[BenchSetup, list[dict]]:
   moe_cfg = family.moe_config(model_cfg, jnp.float32)
   learned = runtime.load_learned_predictor(job, {s: len(v) for s, v in layers.items()},
                                            moe_cfg.d_model, moe_cfg.num_experts)
+  seed = _load_seed(job, layers)
   setup = BenchSetup(family=family, model_cfg=model_cfg, params=model.params, moe_cfg=moe_cfg,
                      execution=job.execution, replication_cfg=job.replication, mesh=mesh,
                      layers=layers,
-                     learned=None if learned is None else runtime.on_mesh(learned, mesh))
+                     learned=None if learned is None else runtime.on_mesh(learned, mesh),
+                     seed=None if seed is None else runtime.on_mesh(seed, mesh))
   return setup, batches
+
+
+def _load_seed(job, layers: dict) -> dict | None:
+  """The seed predictor of config.seed_predictor_checkpoint, or None if unset/absent."""
+  import os  # pylint: disable=import-outside-toplevel
+  from moe_jax.app import runtime, seed_training  # pylint: disable=import-outside-toplevel
+  path = job.seed_predictor_path
+  if not job.seed_predictor_checkpoint or not os.path.isdir(path):
+    return None
+  try:
+    return seed_training.restore_for_layers(path, layers)
+  except ValueError as e:
+    raise runtime.UsageError(f"--config.seed_predictor_checkpoint={job.seed_predictor_checkpoint}"
+                             f": {e}") from None
 
 
 RANDOM = "random"          # --config.checkpoint=random: random params of config.model

@@ -3,7 +3,10 @@
 Mirrors `moe_jax.replication.StackRunner`: `none` places no replicas; `history` uses the EMA of the
 previous steps' true loads of the same layer (nothing at step 0); `pregate` / `learned` use the
 recorded one-layer-ahead predictions, and the history for layer 0 (which has no predecessor);
-`oracle` uses the step's own true loads. Placement is `moe_jax.placement.place`, vmapped.
+`oracle` uses the step's own true loads, and so does `reactive` (placed from the layer's own
+router: the simulator does not charge its fetch to the critical path, so its modelled time is
+`oracle`'s). Placement is `moe_jax.placement.place`, vmapped. `seed` (needs recorded seed
+predictions) and `eplb` (its own packing of calibration counts) are not simulated.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import numpy as np
 from moe_jax import placement
 from moe_jax import predictor as predictor_lib
 
-POLICIES = predictor_lib.KINDS
+SOURCES = ("history", "hidden_state", "truth", "in_layer")     # what the simulator can replay
+POLICIES = ("none",) + tuple(k for k, p in predictor_lib.PREDICTORS.items()
+                             if p.source in SOURCES and not p.first)
 _TABLES: dict = {}
 
 
@@ -46,11 +51,11 @@ def estimates(policy: str, true_load: np.ndarray, predicted: dict, *,
     decay: history EMA decay.
   """
   if policy not in POLICIES:
-    raise ValueError(f"policy {policy!r} is not one of {POLICIES}.")
+    raise ValueError(f"policy {policy!r} is not one of the simulated policies {POLICIES}.")
   if policy == "none":
     return None
   source = predictor_lib.PREDICTORS[policy].source
-  if source == "truth":
+  if source in ("truth", "in_layer"):
     return np.asarray(true_load, np.float64)
   history = np.asarray(history_estimates(true_load, decay), np.float64)
   if source == "history":

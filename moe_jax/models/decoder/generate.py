@@ -65,7 +65,8 @@ def greedy_generate(params: dict, cfg: DecoderConfig, input_ids: jax.Array,
                     attention_mask: jax.Array, *, max_new_tokens: int, use_cache: bool,
                     eos_token_ids: jax.Array, pad_token_id: int, moe_fn: MoEFn,
                     replicator: replication.Replicator | None = None,
-                    learned: dict | None = None, oracle_loads: dict | None = None):
+                    learned: dict | None = None, oracle_loads: dict | None = None,
+                    calibration: dict | None = None):
   """Greedy decoding (see the module docstring).
 
   Args:
@@ -83,6 +84,8 @@ def greedy_generate(params: dict, cfg: DecoderConfig, input_ids: jax.Array,
       loads of every pass and MoE layer (pass 0: the prefill when cached), indexed by the pass
       counter inside the loop; e.g. `GenerationStats.layers[stack].tokens_per_expert` of a run
       of the same prompts with predictor="none" (valid because the tokens are the same).
+    calibration: for a replicator with predictor="eplb": stack -> <f32>[n, E] the counts it
+      places from (see `replication.calibrate`).
 
   Returns:
     <int32>[B, P + N]; with a replicator, (that, `GenerationStats`).
@@ -131,7 +134,8 @@ def greedy_generate(params: dict, cfg: DecoderConfig, input_ids: jax.Array,
 
   step0, done0 = jnp.zeros((), jnp.int32), jnp.zeros((batch,), bool)
   stats = (None if replicator is None else
-           _initial_stats(params, cfg, replicator, passes=max_new_tokens + use_cache))
+           _initial_stats(params, cfg, replicator, passes=max_new_tokens + use_cache,
+                          calibration=calibration))
   if not use_cache:
     out = jax.lax.while_loop(keep_going, uncached_step, (step0, tokens, done0, stats))
   else:
@@ -143,10 +147,14 @@ def greedy_generate(params: dict, cfg: DecoderConfig, input_ids: jax.Array,
 
 
 def _initial_stats(params: dict, cfg: DecoderConfig, replicator: replication.Replicator, *,
-                   passes: int) -> GenerationStats:
+                   passes: int, calibration: dict | None = None) -> GenerationStats:
   """Fresh `GenerationStats` with room for `passes` passes' layer summaries."""
   zero, layers = jnp.zeros((), jnp.int32), stack.moe_layers(params, cfg)
-  return GenerationStats(state=replicator.init_state(layers), replica_rows=zero, passes=zero,
+  state = replicator.init_state(layers)
+  if calibration is not None:   # checked on the host by DecoderModel.generate
+    state = state.replace(calibration={s: jnp.asarray(c, jnp.float32)
+                                       for s, c in calibration.items()})
+  return GenerationStats(state=state, replica_rows=zero, passes=zero,
                          layers=replicator.empty_summaries(layers, passes))
 
 

@@ -9,14 +9,14 @@ from moe_jax.models.decoder.keys import hf_key_map
 from moe_jax.models.decoder.model import moe_config
 from moe_jax.models.decoder.task import (
     batch_tokens, forward_batch, generated_ids, init_params, loss, moe_layers, prompt_ids,
-    prompt_pass, random_params, text_windows)
+    prompt_pass, random_params, text_windows, token_embeddings)
 
 PADDING_SIDE = "left"        # generate takes left-padded prompts
 
 __all__ = [
     "PADDING_SIDE", "batch_tokens", "forward_batch", "generated_ids", "hf_key_map",
     "init_params", "loss", "moe_config", "moe_layers", "prompt_ids", "prompt_pass",
-    "random_params", "text_windows",
+    "random_params", "text_windows", "token_embeddings",
 ]
 
 

@@ -19,12 +19,14 @@ import numpy as np
 from flax import struct
 
 from moe_jax import mesh as mesh_lib
+from moe_jax import predictor as predictor_lib
 from moe_jax.config import ExecutionConfig, MoEConfig
 from moe_jax.models.decoder import generate as decoder_generate
 from moe_jax.models.decoder import keys as decoder_keys
 from moe_jax.models.decoder import stack
 from moe_jax.models.decoder.config import DecoderConfig
 from moe_jax.moe_fn import DefaultMoE, MoEFn
+from moe_jax import replication as replication_lib
 from moe_jax.replication import ReplicationConfig, Replicator
 
 _CHECKPOINT_EOS = object()   # generate's default: the checkpoint's eos ids
@@ -78,12 +80,13 @@ def _forward_jit(params, input_ids, attention_mask, learned, *, cfg, moe_fn, out
 
 @functools.partial(jax.jit, static_argnames=("cfg", "moe_fn", "max_new_tokens", "use_cache",
                                              "pad_token_id", "replicator"))
-def _generate_jit(params, input_ids, attention_mask, eos_token_ids, learned, oracle_loads, *, cfg,
-                  moe_fn, max_new_tokens, use_cache, pad_token_id, replicator):
+def _generate_jit(params, input_ids, attention_mask, eos_token_ids, learned, oracle_loads,
+                  calibration, *, cfg, moe_fn, max_new_tokens, use_cache, pad_token_id,
+                  replicator):
   return decoder_generate.greedy_generate(
       params, cfg, input_ids, attention_mask, max_new_tokens=max_new_tokens, use_cache=use_cache,
       eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, moe_fn=moe_fn,
-      replicator=replicator, learned=learned, oracle_loads=oracle_loads)
+      replicator=replicator, learned=learned, oracle_loads=oracle_loads, calibration=calibration)
 
 
 class DecoderModel:
@@ -146,9 +149,9 @@ class DecoderModel:
     if self.mesh is None:
       raise ValueError("replication places expert copies on other devices: load the model with "
                        "mesh=moe_jax.make_mesh(data=..., expert=...).")
-    if (config.predictor == "learned") != (learned is not None):
-      raise ValueError("predictor='learned' needs learned=<predictor params> (and only it "
-                       "reads them): train them with launch/train_predictor.py.")
+    if (config.predictor in predictor_lib.LEARNED_KINDS) != (learned is not None):
+      raise ValueError(f"predictor={config.predictor!r} needs learned=<predictor params> (and only "
+                       "learned kinds read them): train them with launch/train_predictor.py.")
     if (config.predictor == "oracle") != (oracle_loads is not None):
       raise ValueError("predictor='oracle' needs oracle_loads=<per-pass true loads> (and only it "
                        "reads them): generate the same prompts with predictor='none' and "
@@ -159,7 +162,7 @@ class DecoderModel:
                use_cache: bool = True, eos_token_id=_CHECKPOINT_EOS,
                moe_fn: MoEFn | None = None, replication: ReplicationConfig | None = None,
                learned: dict | None = None, oracle_loads: dict | None = None,
-               return_stats: bool = False):
+               calibration: dict | None = None, return_stats: bool = False):
     """Greedy decoding: <int32>[B, P + max_new_tokens] (see `generate.py`).
 
     Args:
@@ -176,6 +179,9 @@ class DecoderModel:
         stack -> <f32 or int>[passes, n MoE layers, E] the true loads of every pass (passes >=
         max_new_tokens + 1 cached, max_new_tokens uncached), e.g. `tokens_per_expert` of
         `GenerationStats.layers` from generating the same prompts with predictor="none".
+      calibration: predictor="eplb": stack -> <f>[n MoE layers, E] the per-expert counts EPLB
+        places from (e.g. `moe_jax.expert_counts.load(path)`); refreshed every
+        `replication.eplb_refresh` passes when that is > 0.
       return_stats: with `replication`, also return its `generate.GenerationStats`.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -190,14 +196,26 @@ class DecoderModel:
     replicator = self._replicator(replication, learned, oracle_loads)
     if oracle_loads is not None:
       oracle_loads = self._check_oracle_loads(oracle_loads, max_new_tokens + bool(use_cache))
+    if calibration is not None:
+      calibration = self._check_calibration(calibration, replication)
     out = _generate_jit(self.params, input_ids, attention_mask, eos, learned, oracle_loads,
-                        cfg=self.config,
+                        calibration, cfg=self.config,
                         moe_fn=moe_fn or self.moe_fn, max_new_tokens=max_new_tokens,
                         use_cache=bool(use_cache), pad_token_id=self.config.generation_pad_id,
                         replicator=replicator)
     if replicator is None:
       return out
     return out if return_stats else out[0]
+
+  def _check_calibration(self, calibration: dict, replication) -> dict:
+    """`calibration` as f32 after checking it fits the model (only eplb reads it)."""
+    if replication is None or replication.predictor != "eplb":
+      raise ValueError("calibration= is read by predictor='eplb' only; pass "
+                       "replication=ReplicationConfig(predictor='eplb', ...) with it.")
+    layers = stack.moe_layers(self.params, self.config)
+    state = replication_lib.init_state({s: len(v) for s, v in layers.items()},
+                                       self.config.num_experts)
+    return replication_lib.calibrate(state, calibration).calibration
 
   def _check_oracle_loads(self, oracle_loads: dict, passes: int) -> dict:
     """`oracle_loads` as f32 after checking it has a [>= passes, n, E] array per MoE stack."""

@@ -3,6 +3,7 @@ generation, and random params.
 
   windows = text_windows(stream, length=128, stride=64)          # next-token windows
   logits = forward_batch(params, cfg, batch, moe_fn)              # benchmarks: every token visible
+  embedded = token_embeddings(params, cfg, batch)                 # {"layers": (embeddings, mask)}
   total, metrics = loss(params, cfg, batch, moe_fn)               # training: CE + HF's aux loss
   hidden = prompt_pass(params, cfg, input_ids, mask, moe_fn)      # the decoder over a prompt
   ids = prompt_ids(tokenizer, "The assert statement", cfg)        # text -> prompt ids
@@ -57,6 +58,20 @@ def forward_batch(params: dict, cfg: DecoderConfig, batch: dict, moe_fn: MoEFn) 
   """<f32>[B, L, V] logits of {"input_ids": <int32>[B, L]}, every token visible."""
   mask = jnp.ones_like(batch["input_ids"])
   return forward(params, cfg, batch["input_ids"], mask, moe_fn=moe_fn).logits
+
+
+def token_embeddings(params: dict, cfg: DecoderConfig, batch: dict) -> dict:
+  """What the stack's embedding layer outputs for a `forward_batch` batch (the seed predictor's
+  input): {"layers": (<f>[B, L, d] rows of params["embed"], <bool>[B, L] mask)}.
+
+  The mask is the batch's "attention_mask" when it has one, else all True: `forward_batch`
+  routes every token.
+  """
+  del cfg    # no family scales its embedding
+  ids = jnp.asarray(batch["input_ids"])
+  mask = batch.get("attention_mask")
+  mask = jnp.ones(ids.shape, bool) if mask is None else jnp.asarray(mask).astype(bool)
+  return {stack.STACK: (params["embed"][ids], mask)}
 
 
 def batch_tokens(batch: dict) -> int:

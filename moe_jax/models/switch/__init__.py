@@ -12,6 +12,7 @@ The family interface (the names every family of `moe_jax.models` exposes):
   Model, from_pretrained       the model bound to params, mesh and execution; HF dir -> Model
   moe_config, moe_layers       the MoE layer's MoEConfig; {stack: [sparse FFN params]} in order
   forward_batch, batch_tokens  teacher-forced logits of a batch dict; its token count
+  token_embeddings             {stack: (embedding output, mask)} of a batch dict (seed predictor)
   text_windows, loss           token stream -> batch dicts; (loss, metrics) for training
   prompt_pass                  the MoE layers' pass over a prompt (Switch: the encoder)
   prompt_ids, generated_ids    text -> prompt ids; a generated row -> its new ids
@@ -32,7 +33,7 @@ from moe_jax.models.switch.stack import STACKS, SparseLayerRouting, moe_layers
 from moe_jax.models.switch.synthetic import random_params
 from moe_jax.models.switch.task import (
     batch_tokens, forward_batch, generated_ids, init_params, loss, prompt_ids, prompt_pass,
-    text_windows)
+    text_windows, token_embeddings)
 
 NAME = "switch"
 PADDING_SIDE = "right"       # encoder prompts are right-padded (masked)
@@ -46,4 +47,5 @@ __all__ = [
     "check_params", "config_from_dict", "forward", "forward_batch", "from_pretrained",
     "generated_ids", "hf_key_map", "init_params", "loss", "moe_config", "moe_layers", "prompt_ids",
     "prompt_pass", "random_params", "shift_right", "sparse_block_indices", "text_windows",
+    "token_embeddings",
 ]

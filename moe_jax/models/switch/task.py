@@ -3,6 +3,7 @@ and the prompt side of generation.
 
   windows = text_windows(stream, encoder_len=64, decoder_len=64, stride=32)
   logits = forward_batch(params, cfg, batch, moe_fn)             # benchmarks: all-ones mask
+  embedded = token_embeddings(params, cfg, batch)                 # {stack: (embeddings, mask)}
   total, metrics = loss(params, cfg, batch, moe_fn)               # training: HF's loss
   hidden = prompt_pass(params, cfg, input_ids, mask, moe_fn)      # the encoder over a prompt
   ids = prompt_ids(tokenizer, "The assert statement", cfg)        # text -> encoder ids
@@ -68,6 +69,24 @@ def forward_batch(params: dict, cfg: SwitchConfig, batch: dict, moe_fn: MoEFn) -
   mask = jnp.ones_like(batch["input_ids"])
   out = forward(params, cfg, batch["input_ids"], mask, batch["decoder_input_ids"], moe_fn=moe_fn)
   return out.logits
+
+
+def token_embeddings(params: dict, cfg: SwitchConfig, batch: dict) -> dict:
+  """What each stack's embedding layer outputs for a `forward_batch` batch (the seed predictor's
+  input): {"encoder": (<f>[B, Ls, d], <bool>[B, Ls]), "decoder": (<f>[B, Ld, d], <bool>[B, Ld])}.
+
+  The embeddings are the rows of the stack's own table (`stack.embedding_table`) that the stack
+  starts from. The masks are the batch's "attention_mask" / "decoder_attention_mask" when it has
+  them, else all True: `forward_batch` routes every token.
+  """
+  out = {}
+  for name, ids_key, mask_key in (("encoder", "input_ids", "attention_mask"),
+                                  ("decoder", "decoder_input_ids", "decoder_attention_mask")):
+    ids = jnp.asarray(batch[ids_key])
+    mask = batch.get(mask_key)
+    mask = jnp.ones(ids.shape, bool) if mask is None else jnp.asarray(mask).astype(bool)
+    out[name] = (stack.embedding_table(params, cfg, name)[ids], mask)
+  return out
 
 
 def batch_tokens(batch: dict) -> int:
