@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from moe_jax import make_mesh, models, replication
+from moe_jax import expert_counts, make_mesh, models, replication
 from tests.test_launch import _run
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "decoder", "qwen3_moe")
@@ -19,14 +19,18 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
   """(stdout, report.json, report dir) of a smoke run on configs/qwen3_moe_tiny.py's shapes with
-  random params: 8 prompts of 16 tokens, 3 decode steps, dropless, none / pregate / oracle."""
+  random params: 8 prompts of 16 tokens, 3 decode steps, dropless, none / pregate / eplb (from a
+  counts file) / oracle; the run writes its own counts file back."""
   out = str(tmp_path_factory.mktemp("bench_decoder"))
+  counts = os.path.join(out, "calibration.json")    # eplb's calibration, as a counts file
+  expert_counts.save(counts, {"layers": np.tile(np.arange(16.0, 0.0, -1.0), (4, 1))})
   proc = _run("bench.py", "--config=configs/bench.py:model=qwen3_moe_tiny",
               "--config.checkpoint=random", "--config.data.length=16",
               "--config.data.num_batches=1", "--config.bench.warmup_batches=0",
               "--config.bench.repeats=1", f"--config.bench.decode_steps={STEPS}",
               "--config.bench.capacity_modes=dropless", "--config.bench.policies=none,pregate,"
-              "oracle", f"--config.bench.report_dir={out}")
+              "eplb,oracle", f"--config.bench.eplb_counts={counts}",
+              f"--config.bench.report_dir={out}")
   with open(os.path.join(out, "report.json")) as f:
     return proc.stdout, json.load(f), out
 
@@ -36,12 +40,15 @@ def test_both_phases_are_reported(bench):
   assert "prefill (the prompt pass" in stdout and "decode (3 greedy steps" in stdout
   assert report["meta"]["phases"] == ["prefill", "decode"]
   assert set(report["modes"]["dropless"]) == set(report["decode"]["dropless"]) == {
-      "none", "pregate", "oracle"}
+      "none", "pregate", "eplb", "oracle"}
   for policy, r in report["decode"]["dropless"].items():
     o = r["overall"]
     assert len(o["replica_bytes_per_step_series"]) == STEPS, policy
     assert len(r["layers"]) == 4 and o["modelled_ep_speedup_vs_none"] > 0
     assert (o["replica_bytes_per_step"] > 0) == (policy != "none")
+  written = expert_counts.load(os.path.join(out, "expert_counts.json"),
+                               layer_counts={"layers": 4}, num_experts=16)["layers"]
+  assert written.sum() == 8 * 16 * 2 * 4, "8 x 16 tokens, top-2, 4 MoE layers"
   for name in ("expert_load_heatmap", "device_load", "decode_expert_load_heatmap",
                "decode_device_load", "decode_bytes_per_step"):
     assert os.path.getsize(os.path.join(out, f"{name}.png")) > 1000

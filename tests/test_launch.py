@@ -61,7 +61,8 @@ def test_predictor_bench_and_infer(checkpoint, tmp_path):
        "--config.data.batch_size=4", "--config.data.encoder_len=16", "--config.data.decoder_len=16")
   report_dir = str(tmp_path / "report")
   proc = _run("bench.py", f"--config.checkpoint={checkpoint}",
-              f"--config.predictor_checkpoint={predictor}", "--config.data.batch_size=8",
+              f"--config.predictor_checkpoint={predictor}", "--config.seed_predictor_checkpoint=",
+              "--config.data.batch_size=8",
               "--config.data.num_batches=1", "--config.bench.repeats=1",
               "--config.data.encoder_len=16", "--config.data.decoder_len=16",
               "--config.bench.capacity_modes=dropless", f"--config.bench.report_dir={report_dir}")
@@ -69,7 +70,8 @@ def test_predictor_bench_and_infer(checkpoint, tmp_path):
   with open(os.path.join(report_dir, "report.json")) as f:
     report = json.load(f)
   assert set(report["modes"]) == {"dropless"}
-  assert set(report["modes"]["dropless"]) == {"none", "history", "pregate", "learned", "oracle"}
+  assert set(report["modes"]["dropless"]) == {"none", "history", "pregate", "learned",
+                                               "learned_load", "eplb", "reactive", "oracle"}
   for policy, r in report["modes"]["dropless"].items():
     assert r["overall"]["output_rel_diff_vs_none"] <= 1e-6, policy
   for name in ("expert_load_heatmap", "device_load", "predictor_hit_rate", "throughput"):

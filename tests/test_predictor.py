@@ -111,7 +111,9 @@ def test_registry_is_the_one_list_of_kinds():
   given = {"history": (inputs.history, -1), "truth": (inputs.oracle, -1),
            "embedding": (inputs.seed_load, inputs.seed_top1),
            "calibration": (inputs.calibration, -1),
-           "load": (predictor.learned_load(learned, x, 2), -1)}
+           "load": (predictor.learned_load(learned, x, 2), -1),
+           "hybrid": (0.5 * (predictor.learned_load(learned, x, 2) + inputs.seed_load),
+                      inputs.seed_top1)}
   for name, kind in predictor.PREDICTORS.items():
     assert kind.name == name
     load, top1 = kind.estimate(inputs)
@@ -122,9 +124,9 @@ def test_registry_is_the_one_list_of_kinds():
       np.testing.assert_array_equal(top1, jnp.argmax(logits[name], axis=-1))
       assert float(jnp.sum(load)) == 6 * 2
     else:
-      want_load, want_top1 = given["load" if name in ("learned_load", "hybrid")
-                                   else kind.source]
-      np.testing.assert_array_equal(load, want_load)
+      want_load, want_top1 = given[{"learned_load": "load", "hybrid": "hybrid"}.get(
+          name, kind.source)]
+      np.testing.assert_allclose(load, want_load, rtol=1e-6)
       np.testing.assert_array_equal(top1, want_top1)
   with pytest.raises(ValueError, match="is not one of"):
     predictor.check_kind("psychic")

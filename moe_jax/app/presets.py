@@ -196,7 +196,7 @@ def common(family: str, model: dict, *, window: dict, checkpoint: str = ""
       gmm_backend="auto", replication="none", predictor_steps=1500, predictor_rank=0,
       predictor_batches=64))
   c.bench = ml_collections.ConfigDict(dict(
-      policies="none,history,pregate,learned,seed,eplb,reactive,oracle",
+      policies="none,history,pregate,learned,learned_load,seed,hybrid,eplb,reactive,oracle",
       capacity_modes="dropless,capacity", repeats=3, warmup_batches=2, report_dir="reports/bench",
       plots=True, decode_steps=16, approximate=True, eplb_counts=""))
   c.seed = 0

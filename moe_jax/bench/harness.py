@@ -205,7 +205,9 @@ def _load_seed(job, layers: dict) -> dict | None:
     return seed_training.restore_for_layers(path, layers)
   except ValueError as e:
     raise runtime.UsageError(f"--config.seed_predictor_checkpoint={job.seed_predictor_checkpoint}"
-                             f": {e}") from None
+                             f" does not fit this model ({e}); pass the seed predictor trained "
+                             "for it, or --config.seed_predictor_checkpoint= to run without "
+                             "seed.") from None
 
 
 RANDOM = "random"          # --config.checkpoint=random: random params of config.model
