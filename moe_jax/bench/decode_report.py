@@ -103,7 +103,7 @@ def _balance_series(summaries: list) -> np.ndarray:
 def table(decode: dict) -> str:
   """One row per (mode, policy): `MB/step` per decode step (all MoE layers), `ms/step` and `tok/s`
   of the decode steps alone, `same tok`: fraction of generated tokens equal to none's."""
-  head = (f"{'mode':9s} {'policy':8s} {'balanced':>8s} {'maxvio':>7s} {'drop%':>6s} {'hit':>5s} "
+  head = (f"{'mode':9s} {'policy':12s} {'balanced':>8s} {'maxvio':>7s} {'drop%':>6s} {'hit':>5s} "
           f"{'L1err':>6s} {'MB/step':>8s} {'ms/step':>7s} {'tok/s':>7s} {'same tok':>8s} "
           f"{'EP speedup':>10s}")
   rows = [head, "-" * len(head)]
@@ -111,7 +111,7 @@ def table(decode: dict) -> str:
     for policy, r in policies.items():
       o = r["overall"]
       rows.append(
-          f"{mode:9s} {policy:8s} {o['balancedness']:8.3f} {o['maxvio']:7.2f} "
+          f"{mode:9s} {policy:12s} {o['balancedness']:8.3f} {o['maxvio']:7.2f} "
           f"{100 * o['drop_rate']:6.2f} {report_lib.fmt(o['hit_rate'], 5, 2)} "
           f"{report_lib.fmt(o['load_l1_error'], 6, 2)} {o['replica_bytes_per_step'] / 1e6:8.3f} "
           f"{o['step_ms']:7.1f} {o['tokens_per_second']:7.0f} {o['same_tokens_as_none']:8.3f} "
