@@ -56,7 +56,7 @@ def main(argv):
   if setup.seed is None:
     raise SystemExit(f"{FLAGS.model} has no seed predictor (launch/train_seed_predictor.py).")
   _, tokenizer = runtime.load_model(job, mesh=mesh)
-  step = programs.Stepper(setup, setup.execution, ["none", programs.APPROX])
+  step = programs.Stepper(setup, setup.execution)
   state = step.initial_state()
   for split in ("train", "held_out"):
     windows = workflows.pydoc_windows(job, tokenizer, split)

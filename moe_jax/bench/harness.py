@@ -63,7 +63,7 @@ def run_mode(setup: BenchSetup, batches: list[dict], capacity_mode: str, policie
                "tokens": int, "quality": [per batch: loss metrics] (none and the approximate
                mode)}; "none" also has "calibration": the counts eplb was calibrated with.
   """
-  step = programs.Stepper(setup, setup.execution.replace(capacity_mode=capacity_mode), policies)
+  step = programs.Stepper(setup, setup.execution.replace(capacity_mode=capacity_mode))
   results = {p: {"records": [], "logits_rel_diff": 0.0, "seconds": [], "tokens": 0,
                  "quality": []} for p in policies}
   states = {p: step.initial_state() for p in policies}

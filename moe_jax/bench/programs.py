@@ -65,9 +65,10 @@ def _program(setup, execution: ExecutionConfig, rcfg: replication.ReplicationCon
 
 
 class Stepper:
-  """One forward of one capacity mode under a policy (see the module docstring)."""
+  """One forward of one capacity mode under a policy (see the module docstring). Each program
+  compiles on its first call only, so policies a run does not use cost nothing."""
 
-  def __init__(self, setup, execution: ExecutionConfig, policies):
+  def __init__(self, setup, execution: ExecutionConfig):
     self.setup = setup
     self.counts = {s: len(layers) for s, layers in setup.layers.items()}
     moe_cfg, rcfg = setup.moe_cfg, setup.replication_cfg
@@ -75,11 +76,10 @@ class Stepper:
     self.none_fn = _program(setup, execution, replication.ReplicationConfig(predictor="none"))
     self.dynamic_fn = _program(setup, execution, dataclasses.replace(exact, predictor="dynamic"))
     self.reactive_fn = _program(setup, execution, dataclasses.replace(exact, predictor="reactive"))
-    if APPROX in policies:
-      self.none_loss_fn = _program(setup, execution,
-                                   replication.ReplicationConfig(predictor="none"), loss=True)
-      self.approx_fn = _program(setup, execution, dataclasses.replace(
-          rcfg, predictor="seed", route_by="prediction"), loss=True)
+    self.none_loss_fn = _program(setup, execution,
+                                 replication.ReplicationConfig(predictor="none"), loss=True)
+    self.approx_fn = _program(setup, execution, dataclasses.replace(
+        rcfg, predictor="seed", route_by="prediction"), loss=True)
     self.learned = setup.learned
     if self.learned is None:   # keeps the dynamic program's shapes; "learned" is never selected
       self.learned = {s: [{"w": jnp.zeros((moe_cfg.d_model, moe_cfg.num_experts)),

@@ -98,25 +98,13 @@ def greedy_generate(params: dict, cfg: DecoderConfig, input_ids: jax.Array,
                           jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)   # [B, S]
   positions = generation_positions(mask)
   dtype = params["embed"].dtype
-  eos = jnp.asarray(eos_token_ids, jnp.int32)
-
-  def emit(step, tokens, done, hidden):
-    """Appends argmax(logits of hidden <f>[B, 1, d]) at slot P + step; returns (token, ...)."""
-    logits = stack.lm_logits(params, cfg, hidden)[:, 0]                       # [B, V]
-    token = jnp.where(done, pad_token_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
-    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], prompt + step, axis=1)
-    return token, tokens, done | jnp.isin(token, eos)
+  emit = _emitter(params, cfg, prompt=prompt, pad_token_id=pad_token_id,
+                  eos_token_ids=eos_token_ids)
+  run = _decoder_pass(params, cfg, mask, moe_fn=moe_fn, replicator=replicator, learned=learned,
+                      oracle_loads=oracle_loads)
 
   def keep_going(state):
     return (state[0] < max_new_tokens) & ~jnp.all(state[2])
-
-  def run(ids, pos, cache, stats):
-    """One decoder pass: (hidden, cache, stats), through a fresh stack runner if replicating."""
-    if replicator is None:
-      hidden, cache, _ = stack.decode(params, cfg, ids, pos, mask, cache, moe_fn=moe_fn)
-      return hidden, cache, stats
-    return _replicated_pass(params, cfg, ids, pos, mask, cache, stats, replicator=replicator,
-                            learned=learned, oracle_loads=oracle_loads)
 
   def cached_step(state):
     step, tokens, done, stats, cache, hidden = state
@@ -144,6 +132,37 @@ def greedy_generate(params: dict, cfg: DecoderConfig, input_ids: jax.Array,
     state = (step0, tokens, done0, stats, cache, hidden[:, -1:])
     out = jax.lax.while_loop(keep_going, cached_step, state)
   return out[1] if replicator is None else (out[1], out[3])
+
+
+def _emitter(params: dict, cfg: DecoderConfig, *, prompt: int, pad_token_id: int,
+             eos_token_ids: jax.Array):
+  """emit(step, tokens, done, hidden): appends argmax(logits of hidden <f>[B, 1, d]) at slot
+  P + step of tokens <int32>[B, S] (pad for finished rows); returns (token, tokens, done)."""
+  eos = jnp.asarray(eos_token_ids, jnp.int32)
+
+  def emit(step, tokens, done, hidden):
+    logits = stack.lm_logits(params, cfg, hidden)[:, 0]                       # [B, V]
+    token = jnp.where(done, pad_token_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], prompt + step, axis=1)
+    return token, tokens, done | jnp.isin(token, eos)
+
+  return emit
+
+
+def _decoder_pass(params: dict, cfg: DecoderConfig, mask: jax.Array, *, moe_fn: MoEFn,
+                  replicator, learned, oracle_loads):
+  """run(ids, pos, cache, stats) -> (hidden, cache, stats): one decoder pass over the buffer's
+  `mask` <int32>[B, S], through a fresh stack runner when replicating (stats is then the
+  `GenerationStats` carried from pass to pass; unused otherwise)."""
+
+  def run(ids, pos, cache, stats):
+    if replicator is None:
+      hidden, cache, _ = stack.decode(params, cfg, ids, pos, mask, cache, moe_fn=moe_fn)
+      return hidden, cache, stats
+    return _replicated_pass(params, cfg, ids, pos, mask, cache, stats, replicator=replicator,
+                            learned=learned, oracle_loads=oracle_loads)
+
+  return run
 
 
 def _initial_stats(params: dict, cfg: DecoderConfig, replicator: replication.Replicator, *,
